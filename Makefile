@@ -1,0 +1,45 @@
+# Kefu — `make run` starts one node with embedded defaults; `make test` installs what the tests need and
+# runs them. `make help` lists every target.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+LISTEN ?= 127.0.0.1:8080
+DATA_DIR ?= ./data
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## install the toolchain pieces the build and tests need (fresh Debian machine)
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
+	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+
+.PHONY: build
+build: deps ## build every crate (debug)
+	$(CARGO) build --workspace --all-targets
+
+.PHONY: run
+run: deps ## start one node on $(LISTEN) with data under $(DATA_DIR) (demo agent token is logged on first start)
+	$(CARGO) build --release -p kefu-node
+	./target/release/kefu-node --listen $(LISTEN) --data-dir $(DATA_DIR) serve
+
+.PHONY: test
+test: deps ## run every test (unit, integration with real sockets, crash/restart with the real binary)
+	$(CARGO) build -p kefu-node --bin kefu-node
+	$(CARGO) test --workspace --all-targets
+
+.PHONY: lint
+lint: deps ## rustfmt check + clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: fmt
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+.PHONY: clean-data
+clean-data: ## delete the local data directory of `make run`
+	rm -rf $(DATA_DIR)
