@@ -277,8 +277,10 @@ impl Config {
         };
         for (key, value) in env {
             let Some(rest) = key.strip_prefix(ENV_PREFIX) else { continue };
-            // KEFU_CONFIG is the file path itself, handled by the CLI.
-            if rest == "CONFIG" || rest.is_empty() {
+            // Only `KEFU_SECTION__KEY` (and the top-level `KEFU_NODE_ID`) are config: other KEFU_* names, such
+            // as the KEFU_SERVICE_HOST/KEFU_PORT that Kubernetes injects for a Service named `kefu`, or
+            // KEFU_CONFIG (the file path, read by the CLI), are not ours to refuse.
+            if !rest.contains("__") && rest != "NODE_ID" {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -471,8 +473,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_env_key_is_refused() {
-        let err = load_str("", &[("KEFU_NOPE", "1")]).unwrap_err().to_string();
+    fn unknown_env_key_is_refused_but_foreign_kefu_vars_are_ignored() {
+        let err = load_str("", &[("KEFU_NOPE__X", "1")]).unwrap_err().to_string();
         assert!(err.contains("nope"), "{err}");
+        let err = load_str("", &[("KEFU_ROUTING__NOPE", "1")]).unwrap_err().to_string();
+        assert!(err.contains("routing.nope"), "{err}");
+        let c = load_str("", &[("KEFU_SERVICE_HOST", "10.0.0.1"), ("KEFU_PORT", "tcp://x"), ("KEFU_NODE_ID", "n7")])
+            .unwrap();
+        assert_eq!(c.node_id, "n7");
     }
 }

@@ -37,7 +37,8 @@ impl Closer {
             if let Ok(mut r) = self.reason.lock() {
                 *r = Some(reason);
             }
-            self.notify.notify_one();
+            // Both the reader loop and the writer task wait on this: wake every waiter.
+            self.notify.notify_waiters();
         }
     }
 
@@ -48,10 +49,14 @@ impl Closer {
     /// Resolves once `close` was called, with its reason.
     pub async fn closed(&self) -> CloseReason {
         loop {
+            // Register interest before checking the flag, so a close in between is not missed.
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if self.is_closed() {
                 return self.reason.lock().ok().and_then(|r| r.clone()).unwrap_or(CloseReason::Reconnect);
             }
-            self.notify.notified().await;
+            notified.await;
         }
     }
 }

@@ -19,7 +19,7 @@ pub enum Error {
     #[error("corrupt record in {table}: {reason}")]
     Corrupt { table: &'static str, reason: String },
     /// An I/O operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

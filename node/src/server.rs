@@ -158,8 +158,10 @@ impl RunningNode {
     /// client to reconnect, wait (bounded) for connections to close.
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
+        // Refuse new connections first (readyz fails, upgrades get 503), then drain the engine: in-flight
+        // writes become durable and acked, every client is told to reconnect. Only then stop the
+        // listeners, so no client is cut off before it heard `reconnect`.
         self.ctx.set_ready(false);
-        let _ = self.shutdown_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.ctx.engine.ask(|reply| Command::Shutdown { reply }))
             .await;
         let grace = Duration::from_secs(self.ctx.cfg.server.shutdown_grace_secs);
@@ -167,6 +169,7 @@ impl RunningNode {
         while self.ctx.open_connections() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let _ = self.shutdown_tx.send(true);
         let _ = self.ctx.writer.flush().await;
         let _ = tokio::time::timeout(grace, self.http_task).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.engine_task).await;

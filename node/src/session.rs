@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::adapter::{CloseCode, FrameReader, FrameWriter, Inbound, ProtocolAdapter};
 use crate::conn::{CloseReason, Closer, Conn, Out};
@@ -64,7 +65,7 @@ pub async fn run<A: ProtocolAdapter>(adapter: A, ctx: Arc<NodeContext>, role: Op
     };
 
     // 2. register with the engine.
-    let (tx, mut rx) = mpsc::channel::<Out>(limits.outbound_queue);
+    let (tx, rx) = mpsc::channel::<Out>(limits.outbound_queue);
     let closer = Arc::new(Closer::default());
     let conn_id = ctx.next_conn_id();
     let conn = Conn { id: conn_id, out: tx.clone(), closer: closer.clone() };
@@ -84,14 +85,30 @@ pub async fn run<A: ProtocolAdapter>(adapter: A, ctx: Arc<NodeContext>, role: Op
         return refuse(&ctx, &mut writer, code, msg).await;
     }
     let span = tracing::info_span!("conn", id = conn_id, role = role.as_str(), who = %who, transport = A::NAME);
-    let _guard = span.enter();
+    serve(ctx, reader, writer, role, conn_id, closer, tx, rx).instrument(span).await;
+}
+
+/// The connected phase: a writer task plus the reader loop, until either side ends.
+#[allow(clippy::too_many_arguments)]
+async fn serve<R: FrameReader, W: FrameWriter>(
+    ctx: Arc<NodeContext>,
+    mut reader: R,
+    mut writer: W,
+    role: Role,
+    conn_id: u64,
+    closer: Arc<Closer>,
+    tx: mpsc::Sender<Out>,
+    mut rx: mpsc::Receiver<Out>,
+) {
+    let limits = &ctx.cfg.limits;
     tracing::debug!("connected");
 
     // 3. writer task: drains the queue; exits on close request or write failure.
     let ping_every = Duration::from_secs(ctx.cfg.server.ping_interval_secs);
     let frames_out = ctx.metrics.frames_out.with_label_values(&[role.as_str()]);
     let writer_closer = closer.clone();
-    let writer_task = tokio::spawn(async move {
+    let writer_task = tokio::spawn(
+        async move {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         loop {
             tokio::select! {
@@ -132,7 +149,9 @@ pub async fn run<A: ProtocolAdapter>(adapter: A, ctx: Arc<NodeContext>, role: Op
                 }
             }
         }
-    });
+    }
+        .in_current_span(),
+    );
 
     // 4. reader loop.
     let mut bucket = TokenBucket::new(limits.frames_per_sec, limits.burst, Instant::now());

@@ -72,7 +72,8 @@ async fn reconnect_with_last_seq_replays_without_gap_or_duplicate() {
     for i in 0..7 {
         missed.push((agent.say(&conv, &format!("b{i}")).await, format!("b{i}")));
     }
-    let mut back = Client::visitor(node.http(), json!({"token": vt, "resume": [{"conv": conv, "last_seq": last_seen}]})).await;
+    let mut back =
+        Client::visitor(node.http(), json!({"token": vt, "resume": [{"conv": conv, "last_seq": last_seen}]})).await;
     assert_eq!(back.welcome["conversations"][0]["id"], conv.as_str());
     let replay = back.expect_type("replay").await;
     let got: Vec<(u64, String)> = replay["entries"]

@@ -25,9 +25,8 @@ async fn full_lifecycle_from_open_to_rating() {
     // offered to the only online agent, accepted → assigned
     let offered = alice.accept_next_offer().await;
     assert_eq!(offered, conv);
-    let assigned = visitor
-        .expect("assigned event", |v| v["type"] == "msg" && v["entry"]["event"]["name"] == "assigned")
-        .await;
+    let assigned =
+        visitor.expect("assigned event", |v| v["type"] == "msg" && v["entry"]["event"]["name"] == "assigned").await;
     assert_eq!(assigned["entry"]["event"]["agent"], "alice");
 
     // chat both ways, seqs dense and increasing
@@ -108,7 +107,8 @@ async fn full_lifecycle_from_open_to_rating() {
 
     // a visitor token reads only its own history
     let vt = visitor.token().unwrap();
-    let (status, _) = http(addr, "GET", &format!("/api/conversations/{conv}/entries?after=3&limit=2"), Some(&vt), None).await;
+    let (status, _) =
+        http(addr, "GET", &format!("/api/conversations/{conv}/entries?after=3&limit=2"), Some(&vt), None).await;
     assert_eq!(status, 200);
     let (status, body) = http(addr, "GET", "/api/conversations", Some(&vt), None).await;
     assert_eq!(status, 403, "{body}");
@@ -141,7 +141,11 @@ async fn typing_is_coalesced_to_two_per_second_per_conversation() {
         }
     }
     assert!(!forwarded.is_empty());
-    assert!(forwarded.len() as f64 <= (elapsed * 2.0).ceil() + 1.0, "{} typing frames in {elapsed:.2}s", forwarded.len());
+    assert!(
+        forwarded.len() as f64 <= (elapsed * 2.0).ceil() + 1.0,
+        "{} typing frames in {elapsed:.2}s",
+        forwarded.len()
+    );
     assert_eq!(forwarded.last(), Some(&false), "the final state (stopped typing) is delivered");
     node.shutdown().await;
 }

@@ -91,7 +91,12 @@ impl Client {
     pub async fn tcp(addr: SocketAddr) -> Client {
         let s = TcpStream::connect(addr).await.expect("tcp connect");
         let (r, w) = s.into_split();
-        Client { t: Transport::Tcp { reader: BufReader::new(r), writer: w }, buffered: VecDeque::new(), welcome: Value::Null, n: 0 }
+        Client {
+            t: Transport::Tcp { reader: BufReader::new(r), writer: w },
+            buffered: VecDeque::new(),
+            welcome: Value::Null,
+            n: 0,
+        }
     }
 
     /// Connect a visitor and complete hello → welcome.
@@ -247,10 +252,18 @@ impl Client {
             let c = conv.to_owned();
             let v = self.expect("msg", move |v| v["type"] == "msg" && v["conv"] == c.as_str()).await;
             if v["entry"]["kind"] == "message" {
-                out.push((v["entry"]["seq"].as_u64().unwrap_or(0), v["entry"]["text"].as_str().unwrap_or("").to_owned()));
+                out.push((
+                    v["entry"]["seq"].as_u64().unwrap_or(0),
+                    v["entry"]["text"].as_str().unwrap_or("").to_owned(),
+                ));
             }
         }
         out
+    }
+
+    /// Forget frames kept by `expect` (they preceded what it found).
+    pub fn clear_buffer(&mut self) {
+        self.buffered.clear();
     }
 
     pub async fn close_socket(self) {
@@ -266,10 +279,16 @@ impl Client {
 }
 
 /// Minimal HTTP/1.1 GET/POST for REST and health checks (no client crate needed).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).await.expect("http connect");
     let body_text = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
