@@ -53,7 +53,9 @@ async fn fifty_visitors_three_agents_of_capacity_two_never_over_capacity_all_ser
             let mut served = 0;
             let mut held = 0usize;
             while !stop.load(Ordering::SeqCst) {
-                let Ok(Some(v)) = tokio::time::timeout(Duration::from_millis(100), a.try_recv()).await else { continue };
+                let Ok(Some(v)) = tokio::time::timeout(Duration::from_millis(100), a.try_recv()).await else {
+                    continue;
+                };
                 if v["type"] != "offer" {
                     continue;
                 }
@@ -84,7 +86,11 @@ async fn fifty_visitors_three_agents_of_capacity_two_never_over_capacity_all_ser
             let served = tokio::time::timeout(Duration::from_secs(60), async {
                 loop {
                     match v.try_recv().await {
-                        Some(f) if f["type"] == "msg" && f["entry"]["from"]["role"] == "agent" && f["entry"]["kind"] == "message" => {
+                        Some(f)
+                            if f["type"] == "msg"
+                                && f["entry"]["from"]["role"] == "agent"
+                                && f["entry"]["kind"] == "message" =>
+                        {
                             return true;
                         }
                         Some(_) => continue,
