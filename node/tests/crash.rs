@@ -1,6 +1,8 @@
 //! The real `kefu-node` binary as a child process: `kill -9` under traffic loses no acked entry,
 //! SIGTERM drains gracefully, and bad configuration is refused with the field named.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::io::{BufRead, BufReader};

@@ -1,6 +1,8 @@
 //! Delivery guarantees over real sockets: retries are exactly-once, reconnects resume without gaps or
 //! duplicates, and entries for absent recipients wait in the offline inbox.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use serde_json::json;

@@ -1,6 +1,8 @@
 //! A conversation's whole life over real WebSockets: open → queued → offered → assigned → chat both
 //! ways (typing, read receipts) → transfer → close → rating, and the REST view of it.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use serde_json::json;

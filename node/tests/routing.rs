@@ -1,6 +1,8 @@
 //! Routing under contention: many visitors at once against few agents. Nobody is ever over capacity,
 //! everybody is eventually served.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::sync::Arc;

@@ -70,7 +70,7 @@ impl TestNode {
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 enum Transport {
-    Ws(Ws),
+    Ws(Box<Ws>),
     Tcp { reader: BufReader<tokio::net::tcp::OwnedReadHalf>, writer: tokio::net::tcp::OwnedWriteHalf },
 }
 
@@ -85,7 +85,7 @@ pub struct Client {
 impl Client {
     pub async fn ws(addr: SocketAddr, path: &str) -> Client {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}")).await.expect("ws connect");
-        Client { t: Transport::Ws(ws), buffered: VecDeque::new(), welcome: Value::Null, n: 0 }
+        Client { t: Transport::Ws(Box::new(ws)), buffered: VecDeque::new(), welcome: Value::Null, n: 0 }
     }
 
     pub async fn tcp(addr: SocketAddr) -> Client {
