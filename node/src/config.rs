@@ -386,9 +386,15 @@ impl Config {
         Ok(())
     }
 
-    /// The effective configuration as commented-free TOML.
+    /// The effective configuration as TOML, with secrets redacted (it is printed and logged).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+        let mut shown = self.clone();
+        for secret in [&mut shown.auth.secret, &mut shown.identity.secret] {
+            if !secret.is_empty() {
+                *secret = "<redacted>".into();
+            }
+        }
+        toml::to_string_pretty(&shown).unwrap_or_default()
     }
 
     /// The sensitive words from `filter.words` and `filter.words_file`.
@@ -445,6 +451,16 @@ mod tests {
         c.validate().unwrap();
         let back: Config = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn printed_config_never_shows_secrets() {
+        let mut c = Config::default();
+        c.auth.secret = "super-secret-signing-key".into();
+        c.identity.secret = "site-hmac-secret".into();
+        let text = c.to_toml();
+        assert!(!text.contains("super-secret") && !text.contains("site-hmac"), "{text}");
+        assert!(text.contains("<redacted>"));
     }
 
     #[test]

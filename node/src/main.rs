@@ -131,7 +131,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(
             agent = "demo",
             token = %token,
-            console = %format!("{base}/agent#token={token}"),
+            demo = %format!("{base}/#agent-token={token}"),
             "created demo agent (first start); use this token to sign in as the agent"
         );
     }

@@ -309,10 +309,20 @@ async fn metrics(State(ctx): State<Arc<NodeContext>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.metrics.render()).into_response()
 }
 
+/// A dependency-free demo page: a visitor and an agent chatting over the real endpoints.
+const DEMO_HTML: &str = include_str!("../web/demo.html");
+
 async fn index() -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "kefu-node: live chat.\n\nWebSocket: /ws/visitor, /ws/agent (protocol v1, see node/PROTOCOL.md)\nREST: /api/...\nHealth: /healthz /readyz  Metrics: /metrics\n",
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; \
+                 base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+        ],
+        DEMO_HTML,
     )
         .into_response()
 }

@@ -245,3 +245,42 @@ fn print_config_prints_effective_defaults_that_load_back() {
     let again = Command::new(BIN).arg("--config").arg(&f).arg("print-config").output().unwrap();
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
 }
+
+#[test]
+fn example_config_in_repo_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/kefu.toml");
+    let out = Command::new(BIN).arg("--config").arg(example).arg("print-config").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn agent_cli_refuses_while_the_node_holds_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = agent_add(dir.path(), "alice", 2);
+    assert_eq!(first.split('.').count(), 3, "prints a token");
+    let node = spawn(dir.path());
+    let out = base_cmd(dir.path()).args(["agent", "add", "--id", "bob", "--name", "Bob"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another kefu-node"));
+    let bad = base_cmd(dir.path()).args(["agent", "token", "--id", "nobody"]).output().unwrap();
+    assert!(!bad.status.success());
+    let mut child = node.child;
+    let _ = child.kill();
+    let _ = child.wait();
+    // Revocation: the old token stops working after `agent revoke`.
+    let out = base_cmd(dir.path()).args(["agent", "revoke", "--id", "alice"]).output().unwrap();
+    assert!(out.status.success());
+    let new_token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let node = spawn(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = Client::ws(node.http, "/ws/agent").await;
+        c.send(json!({"type": "hello", "token": first})).await;
+        c.expect_error("unauthorized").await;
+        let ok = Client::agent(node.http, &new_token).await;
+        assert_eq!(ok.id(), "alice");
+    });
+    let mut child = node.child;
+    let _ = child.kill();
+    let _ = child.wait();
+}
