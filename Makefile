@@ -4,6 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 LISTEN ?= 127.0.0.1:8080
+TCP_LISTEN ?= 127.0.0.1:8081
 DATA_DIR ?= ./data
 
 .DEFAULT_GOAL := help
@@ -22,9 +23,9 @@ build: deps ## build every crate (debug)
 	$(CARGO) build --workspace --all-targets
 
 .PHONY: run
-run: deps ## start one node on $(LISTEN) with data under $(DATA_DIR) (demo agent token is logged on first start)
+run: deps ## start one node on $(LISTEN) (raw TCP on $(TCP_LISTEN)) with data under $(DATA_DIR); logs the demo agent's token
 	$(CARGO) build --release -p kefu-node
-	./target/release/kefu-node --listen $(LISTEN) --data-dir $(DATA_DIR) serve
+	KEFU_SERVER__TCP_LISTEN=$(TCP_LISTEN) ./target/release/kefu-node --listen $(LISTEN) --data-dir $(DATA_DIR) serve
 
 .PHONY: test
 test: deps ## run every test (unit, integration with real sockets, crash/restart with the real binary)

@@ -16,9 +16,30 @@ use support::{Client, http};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kefu-node");
 
+/// A node child process, killed when dropped (also when a test fails half-way).
 struct Proc {
-    child: Child,
+    child: Option<Child>,
     http: SocketAddr,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Wait for the process to exit on its own.
+    fn wait(mut self) -> std::process::ExitStatus {
+        self.child.take().unwrap().wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 fn base_cmd(data: &Path) -> Command {
@@ -56,7 +77,7 @@ fn spawn(data: &Path) -> Proc {
         }
     });
     let addr = rx.recv_timeout(Duration::from_secs(30)).expect("node prints its address");
-    Proc { child, http: addr.parse().unwrap() }
+    Proc { child: Some(child), http: addr.parse().unwrap() }
 }
 
 fn agent_add(data: &Path, id: &str, capacity: u32) -> String {
@@ -119,11 +140,10 @@ async fn kill_9_under_traffic_loses_no_acked_entry() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let pid = node.child.id();
+    let pid = node.pid();
     let status = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert!(status.success());
-    let mut child = node.child;
-    let _ = child.wait();
+    node.wait();
     let mut results = Vec::new();
     for t in tasks {
         results.push(t.await.unwrap());
@@ -173,9 +193,7 @@ async fn kill_9_under_traffic_loses_no_acked_entry() {
     let agent = Client::agent(node.http, &token).await;
     assert_eq!(agent.welcome["conversations"].as_array().unwrap().len(), 3, "alice still holds her three");
     drop(waiting);
-    let mut child = node.child;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(node);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,23 +206,20 @@ async fn sigterm_tells_clients_to_reconnect_and_exits_cleanly() {
     let conv = visitor.open(&[]).await;
     agent.accept_next_offer().await;
     let seq = visitor.say(&conv, "hi").await;
-    let status = Command::new("kill").args(["-TERM", &node.child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &node.pid().to_string()]).status().unwrap();
     assert!(status.success());
     let r = visitor.expect_type("reconnect").await;
     assert!(r["retry_after_ms"].as_u64().is_some());
     visitor.clear_buffer();
     let after = tokio::time::timeout(Duration::from_secs(5), visitor.try_recv()).await.expect("closed in time");
     assert!(after.is_none(), "socket closed after reconnect frame, got {after:?}");
-    let mut child = node.child;
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || node.wait()).await.unwrap();
     assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
     // Nothing lost across the graceful restart.
     let node = spawn(dir.path());
     let (_, body) = http(node.http, "GET", &format!("/api/conversations/{conv}/entries"), Some(&token), None).await;
     assert_eq!(body["last_seq"], seq);
-    let mut child = node.child;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(node);
 }
 
 #[test]
@@ -264,9 +279,7 @@ fn agent_cli_refuses_while_the_node_holds_the_store() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another kefu-node"));
     let bad = base_cmd(dir.path()).args(["agent", "token", "--id", "nobody"]).output().unwrap();
     assert!(!bad.status.success());
-    let mut child = node.child;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(node);
     // Revocation: the old token stops working after `agent revoke`.
     let out = base_cmd(dir.path()).args(["agent", "revoke", "--id", "alice"]).output().unwrap();
     assert!(out.status.success());
@@ -280,7 +293,5 @@ fn agent_cli_refuses_while_the_node_holds_the_store() {
         let ok = Client::agent(node.http, &new_token).await;
         assert_eq!(ok.id(), "alice");
     });
-    let mut child = node.child;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(node);
 }
