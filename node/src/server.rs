@@ -79,6 +79,17 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 pub async fn start(cfg: Config) -> Result<RunningNode> {
     cfg.validate()?;
     let cfg = Arc::new(cfg);
+    // Bind first: a port conflict must fail before anything is written (e.g. the demo agent).
+    let http = TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|e| Error::io(format!("bind server.listen {}", cfg.server.listen), e))?;
+    let http_addr = http.local_addr().map_err(|e| Error::io("local addr", e))?;
+    let tcp = if cfg.server.tcp_listen.is_empty() {
+        None
+    } else {
+        let addr: SocketAddr = cfg.server.tcp_listen.parse().map_err(|_| Error::Config("server.tcp_listen".into()))?;
+        Some(TcpListener::bind(addr).await.map_err(|e| Error::io(format!("bind server.tcp_listen {addr}"), e))?)
+    };
     let metrics = Metrics::new();
     let secret = load_or_create_secret(&cfg)?;
     let auth = Auth::new(&cfg, &secret);
@@ -123,18 +134,13 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ctx = Arc::new(NodeContext::new(cfg.clone(), engine, auth, metrics, store, writer, shutdown_rx.clone()));
 
-    let http = TcpListener::bind(cfg.server.listen)
-        .await
-        .map_err(|e| Error::io(format!("bind server.listen {}", cfg.server.listen), e))?;
-    let http_addr = http.local_addr().map_err(|e| Error::io("local addr", e))?;
-    let tcp_addr = if cfg.server.tcp_listen.is_empty() {
-        None
-    } else {
-        let addr: SocketAddr = cfg.server.tcp_listen.parse().map_err(|_| Error::Config("server.tcp_listen".into()))?;
-        let l = TcpListener::bind(addr).await.map_err(|e| Error::io(format!("bind server.tcp_listen {addr}"), e))?;
-        let bound = l.local_addr().map_err(|e| Error::io("local addr", e))?;
-        tokio::spawn(tcp_accept_loop(l, ctx.clone(), shutdown_rx.clone()));
-        Some(bound)
+    let tcp_addr = match tcp {
+        Some(l) => {
+            let bound = l.local_addr().map_err(|e| Error::io("local addr", e))?;
+            tokio::spawn(tcp_accept_loop(l, ctx.clone(), shutdown_rx.clone()));
+            Some(bound)
+        }
+        None => None,
     };
 
     let app = router(ctx.clone());
