@@ -26,6 +26,9 @@ pub trait InboxStore: Send + Sync + 'static {
     fn take<'a>(&'a self, recipient: &'a str) -> BoxFuture<'a, Result<Vec<(String, Entry)>>>;
 }
 
+/// Largest inbox file kept per recipient.
+pub const MAX_INBOX_BYTES: u64 = 1024 * 1024;
+
 /// One JSON line per entry in `<dir>/<hex(recipient)>.jsonl`.
 #[derive(Debug, Clone)]
 pub struct LocalDirInbox {
@@ -60,6 +63,13 @@ impl InboxStore for LocalDirInbox {
                 buf.push(b'\n');
             }
             let path = self.path(recipient);
+            // A recipient who never comes back must not grow the disk without bound. Past the cap new
+            // entries are dropped here; they stay in the conversation log, which a resuming client reads.
+            if let Ok(meta) = tokio::fs::metadata(&path).await {
+                if meta.len() > MAX_INBOX_BYTES {
+                    return Ok(());
+                }
+            }
             let mut f = tokio::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
