@@ -9,6 +9,11 @@ DATA_DIR ?= ./data
 
 .DEFAULT_GOAL := help
 
+# Each area adds its own targets in mk/<area>.mk and appends its extra test target to EXTRA_TESTS
+# (e.g. browser tests, operator end-to-end), so `make test` runs everything.
+EXTRA_TESTS :=
+-include mk/*.mk
+
 .PHONY: help
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -28,7 +33,10 @@ run: deps ## start one node on $(LISTEN) (raw TCP on $(TCP_LISTEN)) with data un
 	KEFU_SERVER__TCP_LISTEN=$(TCP_LISTEN) ./target/release/kefu-node --listen $(LISTEN) --data-dir $(DATA_DIR) serve
 
 .PHONY: test
-test: deps ## run every test (unit, integration with real sockets, crash/restart with the real binary)
+test: deps test-rust $(EXTRA_TESTS) ## run every test: Rust unit/integration/crash tests, then each area's extra suites
+
+.PHONY: test-rust
+test-rust: deps ## Rust tests of every crate (unit, property, integration with real sockets, crash/restart)
 	$(CARGO) build -p kefu-node --bin kefu-node
 	$(CARGO) test --workspace --all-targets
 
