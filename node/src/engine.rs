@@ -124,6 +124,8 @@ enum Effect {
     Frame { conn: ConnId, out: Out },
     /// Send the conversation's current summary to its participants (and these extra connections).
     Summary { conv: String, extra: Vec<ConnId> },
+    /// Tell the visitor their queue position (after the conversation they are queued with exists).
+    Position { conv: String },
     /// Agent creation/update finished.
     Reply(oneshot::Sender<Result<(), ErrorCode>>),
 }
@@ -215,6 +217,8 @@ pub struct Engine {
     pending: VecDeque<(u64, Pending)>,
     next_token: u64,
     dirty_meta: HashSet<String>,
+    /// Moving average of recent queue waits, for the visitor's estimated wait.
+    wait_ema_ms: Option<f64>,
     healthy: bool,
     shutting_down: bool,
 }
@@ -253,6 +257,7 @@ impl Engine {
             pending: VecDeque::new(),
             next_token: 1,
             dirty_meta: HashSet::new(),
+            wait_ema_ms: None,
             healthy: true,
             shutting_down: false,
         };
@@ -743,10 +748,10 @@ impl Engine {
         );
         ops.push(self.meta_op(&id));
         effects.push(Effect::Summary { conv: id.clone(), extra: vec![] });
+        effects.push(Effect::Position { conv: id.clone() });
         self.commit(ops, effects, at);
         self.update_gauges();
         self.dispatch();
-        self.send_position(&id, true);
         Ok(())
     }
 
@@ -921,6 +926,7 @@ impl Engine {
                     self.push_out(t, out.clone());
                 }
             }
+            Effect::Position { conv } => self.send_position(&conv, true),
             Effect::Reply(tx) => {
                 let _ = tx.send(Ok(()));
             }
@@ -1107,7 +1113,9 @@ impl Engine {
         c.meta.assigned_ms = Some(now);
         c.last_position = None;
         if let Some(q) = queued_ms {
-            self.metrics.queue_wait.observe(now.saturating_sub(q) as f64 / 1000.0);
+            let waited = now.saturating_sub(q) as f64;
+            self.metrics.queue_wait.observe(waited / 1000.0);
+            self.wait_ema_ms = Some(self.wait_ema_ms.map_or(waited, |e| 0.8 * e + 0.2 * waited));
         }
         let agent_name = match self.agents.get_mut(agent) {
             Some(a) => {
@@ -1257,10 +1265,10 @@ impl Engine {
                 }
                 ops.push(self.meta_op(conv));
                 effects.push(Effect::Summary { conv: conv.to_owned(), extra: old_conns });
+                effects.push(Effect::Position { conv: conv.to_owned() });
                 self.commit(ops, effects, at);
                 self.update_gauges();
                 self.dispatch();
-                self.send_position(conv, true);
             }
             _ => return Err((ErrorCode::Invalid, "give exactly one of to_agent or to_skill".into())),
         }
@@ -1502,7 +1510,10 @@ impl Engine {
         }
         c.last_position = Some(position);
         let visitor = c.meta.visitor.clone();
-        let out: Out = Arc::from(ServerFrame::Queue { conv: conv.to_owned(), position, waiting }.to_json());
+        // A rough estimate: recent average wait per position ahead. Absent until someone was assigned.
+        let estimated_wait_ms = self.wait_ema_ms.map(|e| (e * position as f64) as u64);
+        let frame = ServerFrame::Queue { conv: conv.to_owned(), position, waiting, estimated_wait_ms };
+        let out: Out = Arc::from(frame.to_json());
         let conns = self.visitors.get(&visitor).map(|v| v.conns.clone()).unwrap_or_default();
         for t in conns {
             self.push_out(t, out.clone());

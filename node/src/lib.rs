@@ -8,7 +8,8 @@
 //!   applies idempotency, routes ([`router`]), filters ([`filter`]), releases acks and fan-out only once
 //!   the [`store`] reports them durable; the offline [`inbox`] holds entries for absent recipients;
 //! - [`ownership`] — which node owns a conversation (always this one, until the cluster arrives);
-//! - [`api`] — the REST API; [`server`] wires everything and shuts it down in order;
+//! - [`api`] — the REST API; [`web`] — the embedded widget, demo site and agent console;
+//!   [`server`] wires everything and shuts it down in order;
 //! - [`config`], [`metrics`], [`model`], [`error`] — the rest.
 
 pub mod adapter;
@@ -31,6 +32,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod token;
+pub mod web;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -131,7 +131,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(
             agent = "demo",
             token = %token,
-            demo = %format!("{base}/#agent-token={token}"),
+            console = %format!("{base}/agent#token={token}"),
+            demo_site = %base,
             "created demo agent (first start); use this token to sign in as the agent"
         );
     }

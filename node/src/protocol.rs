@@ -182,6 +182,9 @@ pub enum ServerFrame {
         conv: String,
         position: usize,
         waiting: usize,
+        /// Rough estimate from recent queue waits; absent until the node has seen an assignment.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        estimated_wait_ms: Option<u64>,
     },
     Typing {
         conv: String,

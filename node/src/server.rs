@@ -218,8 +218,8 @@ pub fn router(ctx: Arc<NodeContext>) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/", get(index))
         .merge(crate::api::router())
+        .merge(crate::web::router())
         .layer(axum::middleware::map_response(security_headers))
         .with_state(ctx)
 }
@@ -313,22 +313,4 @@ async fn readyz(State(ctx): State<Arc<NodeContext>>) -> Response {
 
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.metrics.render()).into_response()
-}
-
-/// A dependency-free demo page: a visitor and an agent chatting over the real endpoints.
-const DEMO_HTML: &str = include_str!("../web/demo.html");
-
-async fn index() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; \
-                 base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-            ),
-        ],
-        DEMO_HTML,
-    )
-        .into_response()
 }

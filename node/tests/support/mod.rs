@@ -269,7 +269,7 @@ impl Client {
     pub async fn close_socket(self) {
         match self.t {
             Transport::Ws(mut ws) => {
-                let _ = ws.close(None).await;
+                let _ = ws.as_mut().close(None).await;
             }
             Transport::Tcp { mut writer, .. } => {
                 let _ = writer.shutdown().await;
