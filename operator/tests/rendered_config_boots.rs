@@ -38,7 +38,7 @@ fn cluster(spec: Value) -> KefuCluster {
         "metadata": {"name": "chat", "namespace": "shop", "uid": "1f1e7c1e-0000-4000-8000-000000000001", "generation": 1},
         "spec": spec,
     }))
-    .unwrap()
+    .expect("valid KefuCluster")
 }
 
 /// One "pod": its rendered container run as a local process.
