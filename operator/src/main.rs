@@ -86,12 +86,20 @@ async fn main() -> anyhow::Result<()> {
     match &cli.command {
         Some(Cmd::Render { file }) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-            let kc: KefuCluster =
-                serde_yaml::from_str(&text).with_context(|| format!("{} is not a KefuCluster", file.display()))?;
-            let mut kc = kc;
-            kc.metadata.namespace.get_or_insert_with(|| "default".into());
-            kc.metadata.uid.get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
-            print!("{}", kefu_operator::render(&kc)?);
+            let mut found = 0;
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+                if v["kind"] != "KefuCluster" {
+                    continue;
+                }
+                let mut kc: KefuCluster =
+                    serde_json::from_value(v).with_context(|| format!("{}: invalid KefuCluster", file.display()))?;
+                kc.metadata.namespace.get_or_insert_with(|| "default".into());
+                kc.metadata.uid.get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+                print!("{}", kefu_operator::render(&kc)?);
+                found += 1;
+            }
+            anyhow::ensure!(found > 0, "{} contains no KefuCluster", file.display());
             Ok(())
         }
         None | Some(Cmd::Run) => run(cli).await,
@@ -118,6 +126,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     });
 
+    // Ready means "up and able to serve": a standby waiting for the lease is ready too, so a Deployment
+    // rollout of several replicas does not stall on the standbys.
+    health.ready.store(true, Ordering::Relaxed);
     let identity = cli.identity.clone().unwrap_or_else(|| format!("kefu-operator-{}", std::process::id()));
     if cli.leader_elect {
         let lock = LeaseLock::new(
@@ -153,7 +164,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         });
     }
     metrics.leader.set(1);
-    health.ready.store(true, Ordering::Relaxed);
     let ctx = Arc::new(Context::new(client, metrics, Some(identity)));
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
