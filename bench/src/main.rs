@@ -1,0 +1,251 @@
+//! kefu-bench: load generator and benchmark suite for kefu-node.
+//!
+//! `kefu-bench suite` starts the node pinned to one CPU (run this process pinned to another: `make bench`
+//! does both), then runs: hold (idle connections: memory slope, idle CPU), saturate (open-loop chat at
+//! rising rates), echo (the same client against a bare tokio-tungstenite echo server), steady (chat at
+//! half the knee with many connections) and slow consumers. It writes report.json, report.md and plot.svg.
+
+mod client;
+mod report;
+mod scenario;
+mod system;
+mod target;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use report::Report;
+use scenario::{ChatParams, ChatTokens};
+use target::Target;
+
+#[derive(Debug, Parser)]
+#[command(name = "kefu-bench", about = "Load generator and benchmarks for kefu-node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The standard suite (about 10 minutes); writes report.json, report.md, plot.svg under --out.
+    Suite(SuiteArgs),
+    /// A few connections for a few seconds: proves the tool works (used by `make test`); asserts no loss.
+    Smoke(SuiteArgs),
+    /// Internal: the bare echo server the echo baseline measures.
+    EchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 4096)]
+        ws_buffer: usize,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct SuiteArgs {
+    /// kefu-node binary to measure.
+    #[arg(long, default_value = "target/release/kefu-node")]
+    node_bin: PathBuf,
+    /// Output directory.
+    #[arg(long, default_value = "bench/results/latest")]
+    out: PathBuf,
+    /// CPUs for the server (taskset list).
+    #[arg(long, default_value = "0")]
+    server_cpus: String,
+    /// CPUs this load generator runs on (informational: pin it with taskset).
+    #[arg(long, default_value = "1")]
+    client_cpus: String,
+    /// Idle connections for the hold phase (one load process holds at most ~19,000).
+    #[arg(long, default_value_t = 10_000)]
+    hold: usize,
+    /// Seconds to hold them idle.
+    #[arg(long, default_value_t = 30)]
+    hold_secs: u64,
+    /// Visitors in the saturation steps.
+    #[arg(long, default_value_t = 1000)]
+    visitors: usize,
+    /// Offered message rates for the saturation steps.
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,4000,8000,12000,16000")]
+    rates: Vec<f64>,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 10.0)]
+    step_secs: f64,
+    /// Visitors in the steady phase (plus agents and watchers).
+    #[arg(long, default_value_t = 9000)]
+    steady_visitors: usize,
+    /// WebSocket read/write buffer on both ends, bytes.
+    #[arg(long, default_value_t = 4096)]
+    ws_buffer: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    match cli.command {
+        Cmd::EchoServer { listen, ws_buffer } => rt.block_on(scenario::echo_server(listen, ws_buffer)),
+        Cmd::Suite(a) => rt.block_on(suite(a, false)),
+        Cmd::Smoke(a) => rt.block_on(suite(a, true)),
+    }
+}
+
+struct Prepared {
+    target: Target,
+    tokens: ChatTokens,
+}
+
+/// A fresh node with agents (capacity 1000 each) and watcher accounts.
+fn prepare(a: &SuiteArgs, tag: &str, agents: usize, watchers: usize) -> anyhow::Result<Prepared> {
+    let dir = target::scratch_dir(tag)?;
+    let mut tokens = ChatTokens { agents: Vec::new(), watchers: Vec::new() };
+    for i in 0..agents {
+        tokens.agents.push(target::add_agent(&a.node_bin, &dir.0, &format!("agent-{i}"), 1000, false)?);
+    }
+    // Watcher connections share a few supervisor accounts (an agent may hold many connections); they set
+    // presence `away` so routing never gives them conversations of their own.
+    for i in 0..watchers.clamp(1, 4) {
+        tokens.watchers.push(target::add_agent(&a.node_bin, &dir.0, &format!("sup-{i}"), 1, true)?);
+    }
+    let target = Target::node(&a.node_bin, dir, &a.server_cpus, a.ws_buffer)?;
+    Ok(Prepared { target, tokens })
+}
+
+async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
+    if !a.node_bin.exists() {
+        bail!("{} not found: build it first (cargo build --release -p kefu-node)", a.node_bin.display());
+    }
+    let a = if smoke {
+        SuiteArgs { hold: 20, hold_secs: 1, visitors: 10, rates: vec![50.0], step_secs: 2.0, steady_visitors: 20, ..a }
+    } else {
+        a
+    };
+    let env = system::Environment::capture(&a.node_bin, &a.server_cpus, &a.client_cpus, a.ws_buffer);
+    let mut report = Report {
+        environment: env,
+        hold: None,
+        saturate: Vec::new(),
+        echo: Vec::new(),
+        steady: None,
+        slow_consumers: None,
+        notes: Vec::new(),
+    };
+    let pad = 90; // a ~200-byte `msg` frame
+
+    // 1. hold
+    {
+        eprintln!("hold: {} idle connections for {} s", a.hold, a.hold_secs);
+        let p = prepare(&a, "hold", 1, 1)?;
+        let r =
+            scenario::hold(p.target.addr, p.target.pid, a.hold, Duration::from_secs(a.hold_secs), a.ws_buffer).await;
+        eprintln!(
+            "  {:.1} KiB/connection, idle CPU {:.2} %, {} errors",
+            r.kib_per_connection, r.idle_cpu_percent, r.errors
+        );
+        report.hold = Some(r);
+    }
+
+    // 2. saturate: visitors → 1 agent connection per 1000 + 2 watchers per conversation (fan-out 3).
+    let agents_for = |v: usize| v.div_ceil(1000).max(1);
+    let watchers_for = |v: usize| (v / 50).clamp(2, 200);
+    for &rate in &a.rates {
+        let p = prepare(&a, "chat", agents_for(a.visitors), watchers_for(a.visitors))?;
+        let params = ChatParams {
+            visitors: a.visitors,
+            agents: agents_for(a.visitors),
+            watchers: watchers_for(a.visitors),
+            watchers_per_conv: 2,
+            rate,
+            duration_secs: a.step_secs,
+            pad,
+            slow_fraction: 0.0,
+        };
+        let r =
+            scenario::chat(p.target.addr, p.target.pid, &p.tokens, params, a.ws_buffer).await.context("chat step")?;
+        eprintln!(
+            "saturate {rate:.0} msgs/s: delivered {} lost {} dup {} p50 {:.2} p99 {:.2} ms, {:.0} deliveries/server-CPU-s, load-gen CPU {:.0} %",
+            r.delivered,
+            r.lost,
+            r.duplicated,
+            r.delivery.p50_ms,
+            r.delivery.p99_ms,
+            r.deliveries_per_server_cpu_sec,
+            r.client_cpu_percent
+        );
+        let stop = r.lost > 0 || r.delivery.p99_ms > 200.0;
+        report.saturate.push(r);
+        if stop {
+            break;
+        }
+    }
+
+    // 3. echo baseline at the same delivery rates (one delivery per echoed message).
+    for &rate in &a.rates {
+        let t = Target::echo(&a.server_cpus, a.ws_buffer)?;
+        let r = scenario::echo(
+            t.addr,
+            t.pid,
+            a.visitors.min(1000),
+            rate * 3.0,
+            Duration::from_secs_f64(a.step_secs),
+            pad,
+            a.ws_buffer,
+        )
+        .await?;
+        eprintln!(
+            "echo {:.0} msgs/s: p99 {:.2} ms, {:.0} deliveries/server-CPU-s",
+            r.rate, r.latency.p99_ms, r.deliveries_per_server_cpu_sec
+        );
+        report.echo.push(r);
+    }
+
+    // 4. steady at half the knee with many connections, then the same with 1 % slow consumers.
+    let knee_rate = report.knee().map(|k| k.params.rate).unwrap_or(a.rates[0]);
+    let rate = (knee_rate / 2.0).max(10.0);
+    for slow in [0.0, 0.01] {
+        let v = a.steady_visitors;
+        let watchers = watchers_for(v).max(100);
+        let p = prepare(&a, "steady", agents_for(v), watchers)?;
+        let params = ChatParams {
+            visitors: v,
+            agents: agents_for(v),
+            watchers,
+            watchers_per_conv: 2,
+            rate,
+            duration_secs: a.step_secs * 2.0,
+            pad,
+            slow_fraction: slow,
+        };
+        let r = scenario::chat(p.target.addr, p.target.pid, &p.tokens, params, a.ws_buffer).await.context("steady")?;
+        eprintln!(
+            "steady (slow {:.0} %) {rate:.0} msgs/s, {} connections: p50 {:.2} p99 {:.2} p99.9 {:.2} ms, lost {}",
+            slow * 100.0,
+            r.connections,
+            r.delivery.p50_ms,
+            r.delivery.p99_ms,
+            r.delivery.p999_ms,
+            r.lost
+        );
+        if slow == 0.0 { report.steady = Some(r) } else { report.slow_consumers = Some(r) }
+    }
+
+    report.write(&a.out)?;
+    eprintln!("report: {}", a.out.join("report.md").display());
+    if smoke {
+        // The smoke run checks the tool, not the speed: everything sent must arrive exactly once.
+        for r in report.saturate.iter().chain(report.steady.iter()) {
+            if r.sent == 0 || r.lost != 0 || r.duplicated != 0 || r.acked != r.sent {
+                bail!("smoke chat run lost or duplicated messages: {r:?}");
+            }
+        }
+        let h = report.hold.as_ref().context("hold ran")?;
+        if h.connections != a.hold || h.errors != 0 {
+            bail!("smoke hold run failed: {h:?}");
+        }
+        if report.echo.iter().any(|e| e.echoed != e.sent || e.sent == 0) {
+            bail!("smoke echo run lost messages: {:?}", report.echo);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,596 @@
+//! The scenarios: `hold` (idle connections: memory and CPU per connection), `chat` (visitors → agent +
+//! watchers, open-loop, latency and loss), and `echo` (the same load against a bare tokio-tungstenite echo
+//! server, for the throughput ratio).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{self, Ws};
+use crate::system;
+
+fn hist() -> Histogram<u64> {
+    // Microseconds, 1 µs .. 100 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 100_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            p50_ms: q(0.5),
+            p90_ms: q(0.9),
+            p99_ms: q(0.99),
+            p999_ms: q(0.999),
+            max_ms: h.max() as f64 / 1000.0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------- hold
+
+/// One memory sample of the hold scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldPoint {
+    pub connections: usize,
+    pub server_rss_kib: u64,
+    pub slab_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldResult {
+    pub connections: usize,
+    pub errors: usize,
+    pub connect_secs: f64,
+    pub handshake: Latency,
+    pub points: Vec<HoldPoint>,
+    /// Least-squares slope of (server RSS + slab) against connections, KiB per connection.
+    pub kib_per_connection: f64,
+    pub idle_secs: f64,
+    /// Server CPU during the idle phase, percent of one core.
+    pub idle_cpu_percent: f64,
+}
+
+/// Open `n` idle visitor connections (hello → welcome), sampling memory on the way, then idle.
+pub async fn hold(addr: SocketAddr, server_pid: u32, n: usize, idle: Duration, buffer: usize) -> HoldResult {
+    let mut points =
+        vec![HoldPoint { connections: 0, server_rss_kib: system::rss_kib(server_pid), slab_kib: system::slab_kib() }];
+    let step = (n / 8).max(1);
+    let mut conns: Vec<Ws> = Vec::with_capacity(n);
+    let mut handshake = hist();
+    let mut errors = 0;
+    let start = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let batch = (n - i).min(200);
+        let mut tasks = Vec::with_capacity(batch);
+        for k in i..i + batch {
+            tasks.push(tokio::spawn(async move {
+                let (mut ws, t) = client::connect(addr, "/ws/visitor", client::source_ip(k), buffer).await?;
+                client::hello(&mut ws, None).await?;
+                Ok::<_, anyhow::Error>((ws, t))
+            }));
+        }
+        for t in tasks {
+            match t.await {
+                Ok(Ok((ws, d))) => {
+                    let _ = handshake.record(d.as_micros().max(1) as u64);
+                    conns.push(ws);
+                }
+                _ => errors += 1,
+            }
+        }
+        i += batch;
+        if i % step < batch || i == n {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            points.push(HoldPoint {
+                connections: conns.len(),
+                server_rss_kib: system::rss_kib(server_pid),
+                slab_kib: system::slab_kib(),
+            });
+        }
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    // Idle: the node pings every 25 s; measure what holding costs.
+    let cpu0 = system::cpu_seconds(server_pid);
+    let t0 = Instant::now();
+    // Keep reading so pongs flow (tungstenite answers pings on read).
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for mut ws in conns {
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+                    Ok(Some(Ok(_))) | Err(_) => {}
+                    _ => break,
+                }
+            }
+            ws
+        }));
+    }
+    tokio::time::sleep(idle).await;
+    let idle_secs = t0.elapsed().as_secs_f64();
+    let idle_cpu_percent = 100.0 * (system::cpu_seconds(server_pid) - cpu0) / idle_secs;
+    stop.store(true, Ordering::Relaxed);
+    let mut held = 0;
+    for r in readers {
+        if r.await.is_ok() {
+            held += 1;
+        }
+    }
+    HoldResult {
+        connections: held,
+        errors,
+        connect_secs,
+        handshake: Latency::of(&handshake),
+        kib_per_connection: slope(&points),
+        points,
+        idle_secs,
+        idle_cpu_percent,
+    }
+}
+
+fn slope(points: &[HoldPoint]) -> f64 {
+    let xs: Vec<f64> = points.iter().map(|p| p.connections as f64).collect();
+    let ys: Vec<f64> = points.iter().map(|p| (p.server_rss_kib + p.slab_kib) as f64).collect();
+    let n = xs.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mx = xs.iter().sum::<f64>() / n;
+    let my = ys.iter().sum::<f64>() / n;
+    let cov: f64 = xs.iter().zip(&ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+    let var: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
+    if var == 0.0 { 0.0 } else { cov / var }
+}
+
+// ---------------------------------------------------------------------------------------------- chat
+
+/// Parameters of one chat run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatParams {
+    pub visitors: usize,
+    /// Agent connections (each takes up to 1000 conversations).
+    pub agents: usize,
+    /// Watcher connections; each conversation gets `watchers_per_conv` of them.
+    pub watchers: usize,
+    pub watchers_per_conv: usize,
+    /// Offered load, messages per second over all visitors.
+    pub rate: f64,
+    pub duration_secs: f64,
+    /// Padding so a message frame is about 200 bytes.
+    pub pad: usize,
+    /// Fraction of watcher connections that stop reading (slow consumers).
+    pub slow_fraction: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatResult {
+    pub params: ChatParams,
+    pub connections: usize,
+    pub sent: u64,
+    pub acked: u64,
+    /// Deliveries expected to healthy receivers (sent × fan-out, minus those to slow consumers).
+    pub expected_deliveries: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    /// Send → durable ack at the sender.
+    pub ack: Latency,
+    /// Intended send time → received by agents and healthy watchers.
+    pub delivery: Latency,
+    pub server_cpu_secs: f64,
+    pub client_cpu_secs: f64,
+    pub window_secs: f64,
+    pub deliveries_per_server_cpu_sec: f64,
+    pub client_cpu_percent: f64,
+    pub server_rss_kib: u64,
+    pub slow_closed: usize,
+}
+
+struct Receiver {
+    hist: Histogram<u64>,
+    delivered: u64,
+    dup: u64,
+    reorder: u64,
+    last: HashMap<usize, u64>,
+}
+
+/// Run a chat load: visitors send open-loop; agents and watchers receive.
+pub async fn chat(
+    addr: SocketAddr,
+    server_pid: u32,
+    tokens: &ChatTokens,
+    p: ChatParams,
+    buffer: usize,
+) -> anyhow::Result<ChatResult> {
+    let epoch = Instant::now();
+    let now_ns = move || epoch.elapsed().as_nanos() as u64;
+    // Agents first (auto-assignment needs them online), then watchers, then visitors open.
+    let mut agent_ws = Vec::new();
+    for (i, t) in tokens.agents.iter().take(p.agents).enumerate() {
+        let (mut ws, _) = client::connect(addr, "/ws/agent", client::source_ip(i), buffer).await?;
+        client::hello(&mut ws, Some(t)).await?;
+        agent_ws.push(ws);
+    }
+    let mut visitors = Vec::new();
+    let mut convs = Vec::new();
+    let mut i = 0;
+    while i < p.visitors {
+        let batch = (p.visitors - i).min(200);
+        let mut tasks = Vec::new();
+        for k in i..i + batch {
+            tasks.push(tokio::spawn(async move {
+                let (mut ws, _) = client::connect(addr, "/ws/visitor", client::source_ip(k), buffer).await?;
+                client::hello(&mut ws, None).await?;
+                let conv = client::open(&mut ws).await?;
+                Ok::<_, anyhow::Error>((ws, conv))
+            }));
+        }
+        for t in tasks {
+            let (ws, conv) = t.await??;
+            visitors.push(ws);
+            convs.push(conv);
+        }
+        i += batch;
+    }
+    let mut watcher_ws = Vec::new();
+    let mut watched: Vec<Vec<usize>> = vec![Vec::new(); p.watchers];
+    if p.watchers > 0 {
+        for (v, _) in convs.iter().enumerate() {
+            for k in 0..p.watchers_per_conv.min(p.watchers) {
+                watched[(v + k) % p.watchers].push(v);
+            }
+        }
+    }
+    for (w, list) in watched.iter().enumerate() {
+        let token = &tokens.watchers[w % tokens.watchers.len()];
+        let (mut ws, _) = client::connect(addr, "/ws/agent", client::source_ip(w), buffer).await?;
+        client::hello(&mut ws, Some(token)).await?;
+        // Watchers supervise; they must not be routed conversations of their own.
+        client::send(&mut ws, &json!({"type": "presence", "status": "away"})).await?;
+        for v in list {
+            client::send(&mut ws, &json!({"type": "watch", "conv": convs[*v]})).await?;
+        }
+        watcher_ws.push(ws);
+    }
+    // Let assignments and watch summaries settle, then drain what is queued.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let connections = agent_ws.len() + visitors.len() + watcher_ws.len();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow_count = (p.watchers as f64 * p.slow_fraction).round() as usize;
+    let mut receivers = Vec::new();
+    for (idx, ws) in agent_ws.into_iter().chain(watcher_ws).enumerate() {
+        let stop = stop.clone();
+        let slow = idx >= p.agents && idx - p.agents < slow_count;
+        receivers.push(tokio::spawn(receive(ws, stop, slow, now_ns)));
+    }
+    let cpu_s0 = system::cpu_seconds(server_pid);
+    let cpu_c0 = system::self_cpu_seconds();
+    let t0 = Instant::now();
+    let per_visitor = p.rate / p.visitors as f64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    for (v, ws) in visitors.into_iter().enumerate() {
+        let conv = convs[v].clone();
+        let sent = sent.clone();
+        let duration = Duration::from_secs_f64(p.duration_secs);
+        let pad = p.pad;
+        senders.push(tokio::spawn(send_loop(ws, v, conv, per_visitor, duration, pad, sent, epoch)));
+    }
+    let mut ack = hist();
+    let mut acked = 0;
+    for s in senders {
+        if let Ok((h, a)) = s.await {
+            let _ = ack.add(&h);
+            acked += a;
+        }
+    }
+    let window = t0.elapsed().as_secs_f64();
+    let server_cpu = system::cpu_seconds(server_pid) - cpu_s0;
+    let client_cpu = system::self_cpu_seconds() - cpu_c0;
+    let server_rss_kib = system::rss_kib(server_pid);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut delivery = hist();
+    let (mut delivered, mut dup, mut reorder) = (0, 0, 0);
+    let mut healthy_receivers_per_conv = vec![1u64; p.visitors];
+    let mut slow_closed = 0;
+    for (idx, r) in receivers.into_iter().enumerate() {
+        let slow = idx >= p.agents && idx - p.agents < slow_count;
+        let Ok((rec, closed)) = r.await else { continue };
+        if slow {
+            slow_closed += usize::from(closed);
+            continue;
+        }
+        if idx >= p.agents {
+            for v in &watched[idx - p.agents] {
+                healthy_receivers_per_conv[*v] += 1;
+            }
+        }
+        let _ = delivery.add(&rec.hist);
+        delivered += rec.delivered;
+        dup += rec.dup;
+        reorder += rec.reorder;
+    }
+    let sent = sent.load(Ordering::Relaxed);
+    // Each message of visitor v is expected at the agent and at every healthy watcher of v.
+    let expected: u64 =
+        if p.visitors == 0 { 0 } else { sent * healthy_receivers_per_conv.iter().sum::<u64>() / p.visitors as u64 };
+    Ok(ChatResult {
+        connections,
+        sent,
+        acked,
+        expected_deliveries: expected,
+        delivered,
+        lost: expected.saturating_sub(delivered),
+        duplicated: dup,
+        reordered: reorder,
+        ack: Latency::of(&ack),
+        delivery: Latency::of(&delivery),
+        server_cpu_secs: server_cpu,
+        client_cpu_secs: client_cpu,
+        window_secs: window,
+        deliveries_per_server_cpu_sec: if server_cpu > 0.0 { delivered as f64 / server_cpu } else { 0.0 },
+        client_cpu_percent: 100.0 * client_cpu / window,
+        server_rss_kib,
+        slow_closed,
+        params: p,
+    })
+}
+
+/// Tokens the chat scenario signs in with.
+#[derive(Debug, Clone)]
+pub struct ChatTokens {
+    pub agents: Vec<String>,
+    pub watchers: Vec<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_loop(
+    ws: Ws,
+    v: usize,
+    conv: String,
+    rate: f64,
+    duration: Duration,
+    pad: usize,
+    sent: Arc<AtomicU64>,
+    epoch: Instant,
+) -> (Histogram<u64>, u64) {
+    let (mut sink, mut stream) = ws.split();
+    // Acks are read concurrently; the intended time of message n is known from the schedule.
+    let start = Instant::now() + Duration::from_secs_f64(rand_phase(v) / rate.max(0.001));
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let reader = tokio::spawn(async move {
+        let mut h = hist();
+        let mut acks = 0u64;
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_millis(1500), stream.next()).await {
+            if let Message::Text(t) = msg {
+                if t.contains("\"type\":\"ack\"") {
+                    if let Some(n) = ack_id(&t) {
+                        let intended = start + interval * n as u32;
+                        let _ = h.record(Instant::now().saturating_duration_since(intended).as_micros().max(1) as u64);
+                        acks += 1;
+                    }
+                }
+            }
+        }
+        (h, acks)
+    });
+    let mut n: u64 = 0;
+    loop {
+        let intended = start + interval * n as u32;
+        if intended.duration_since(start) >= duration {
+            break;
+        }
+        tokio::time::sleep_until(intended.into()).await;
+        let intended_ns = intended.duration_since(epoch).as_nanos() as u64;
+        let frame = json!({"type": "send", "id": format!("m{n}"), "conv": conv, "text": client::payload(v, n, intended_ns, pad)});
+        if sink.send(Message::Text(frame.to_string().into())).await.is_err() {
+            break;
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+        n += 1;
+    }
+    let out = reader.await.unwrap_or_else(|_| (hist(), 0));
+    let _ = sink.close().await;
+    out
+}
+
+fn ack_id(frame: &str) -> Option<u64> {
+    let at = frame.find("\"id\":\"m")? + 7;
+    frame[at..].split('"').next()?.parse().ok()
+}
+
+fn rand_phase(v: usize) -> f64 {
+    // Deterministic spread of start phases in [0, 1).
+    ((v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn receive(mut ws: Ws, stop: Arc<AtomicBool>, slow: bool, now_ns: impl Fn() -> u64) -> (Receiver, bool) {
+    let mut r = Receiver { hist: hist(), delivered: 0, dup: 0, reorder: 0, last: HashMap::new() };
+    if slow {
+        // Stop reading; report whether the node closed us (it should).
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+                Ok(None) | Ok(Some(Err(_))) => break true,
+                Ok(Some(Ok(Message::Close(_)))) => break true,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => break false,
+            }
+        };
+        return (r, closed);
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let msg = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(_) => break,
+            Err(_) => continue,
+        };
+        let Message::Text(t) = msg else { continue };
+        let Some((v, n, intended)) = client::parse_payload(&t) else { continue };
+        let _ = r.hist.record((now_ns().saturating_sub(intended) / 1000).max(1));
+        match r.last.get(&v) {
+            Some(&last) if n <= last => r.dup += 1,
+            Some(&last) if n > last + 1 => {
+                r.reorder += 1;
+                r.delivered += 1;
+                r.last.insert(v, n);
+            }
+            _ => {
+                r.delivered += 1;
+                r.last.insert(v, n);
+            }
+        }
+    }
+    (r, false)
+}
+
+// ---------------------------------------------------------------------------------------------- echo
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EchoResult {
+    pub connections: usize,
+    pub rate: f64,
+    pub sent: u64,
+    pub echoed: u64,
+    pub latency: Latency,
+    pub server_cpu_secs: f64,
+    pub window_secs: f64,
+    pub deliveries_per_server_cpu_sec: f64,
+    pub client_cpu_percent: f64,
+}
+
+/// The same open-loop send pattern against the bare echo server: one delivery per message.
+pub async fn echo(
+    addr: SocketAddr,
+    server_pid: u32,
+    conns: usize,
+    rate: f64,
+    duration: Duration,
+    pad: usize,
+    buffer: usize,
+) -> anyhow::Result<EchoResult> {
+    let epoch = Instant::now();
+    let mut socks = Vec::new();
+    for i in 0..conns {
+        let (ws, _) = client::connect(addr, "/", client::source_ip(i), buffer).await?;
+        socks.push(ws);
+    }
+    let cpu_s0 = system::cpu_seconds(server_pid);
+    let cpu_c0 = system::self_cpu_seconds();
+    let t0 = Instant::now();
+    let per = rate / conns as f64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (v, ws) in socks.into_iter().enumerate() {
+        let sent = sent.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut sink, mut stream) = ws.split();
+            let start = Instant::now() + Duration::from_secs_f64(rand_phase(v) / per.max(0.001));
+            let interval = Duration::from_secs_f64(1.0 / per.max(0.001));
+            let reader = tokio::spawn(async move {
+                let mut h = hist();
+                let mut n = 0u64;
+                while let Ok(Some(Ok(Message::Text(t)))) =
+                    tokio::time::timeout(Duration::from_millis(1500), stream.next()).await
+                {
+                    if let Some((_, _, intended)) = client::parse_payload(&t) {
+                        let now = epoch.elapsed().as_nanos() as u64;
+                        let _ = h.record((now.saturating_sub(intended) / 1000).max(1));
+                        n += 1;
+                    }
+                }
+                (h, n)
+            });
+            let mut n = 0u64;
+            loop {
+                let intended = start + interval * n as u32;
+                if intended.duration_since(start) >= duration {
+                    break;
+                }
+                tokio::time::sleep_until(intended.into()).await;
+                let ns = intended.duration_since(epoch).as_nanos() as u64;
+                // Same shape as a kefu `msg` frame so parsing costs the same.
+                let frame = json!({"type": "msg", "conv": "c", "entry": {"text": client::payload(v, n, ns, pad)}});
+                if sink.send(Message::Text(frame.to_string().into())).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+            reader.await.unwrap_or_else(|_| (hist(), 0))
+        }));
+    }
+    let mut h = hist();
+    let mut echoed = 0;
+    for t in tasks {
+        if let Ok((th, n)) = t.await {
+            let _ = h.add(&th);
+            echoed += n;
+        }
+    }
+    // The readers wait 3 s for stragglers; count CPU over the send window plus that drain.
+    let window = t0.elapsed().as_secs_f64();
+    let server_cpu = system::cpu_seconds(server_pid) - cpu_s0;
+    let client_cpu = system::self_cpu_seconds() - cpu_c0;
+    Ok(EchoResult {
+        connections: conns,
+        rate,
+        sent: sent.load(Ordering::Relaxed),
+        echoed,
+        latency: Latency::of(&h),
+        server_cpu_secs: server_cpu,
+        window_secs: window,
+        deliveries_per_server_cpu_sec: if server_cpu > 0.0 { echoed as f64 / server_cpu } else { 0.0 },
+        client_cpu_percent: 100.0 * client_cpu / window,
+    })
+}
+
+/// The bare echo server: accept WebSockets, send every text frame back. Runs as its own process.
+pub async fn echo_server(listen: SocketAddr, buffer: usize) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!("echo listening addr={}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .read_buffer_size(buffer)
+                .write_buffer_size(buffer);
+            let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else { return };
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_text() && ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,16 @@
+# Benchmarks (PERFORMANCE.md): the node pinned to CPU 0, the load generator to CPU 1.
+
+BENCH_OUT ?= bench/results/latest
+
+.PHONY: bench
+bench: deps ## run the benchmark suite (~10 min): writes $(BENCH_OUT)/report.{json,md} and plot.svg
+	$(CARGO) build --release -p kefu-node -p kefu-bench
+	taskset -c 1 ./target/release/kefu-bench suite --node-bin target/release/kefu-node --server-cpus 0 --client-cpus 1 --out $(BENCH_OUT)
+	@echo "report: $(BENCH_OUT)/report.md"
+
+.PHONY: test-bench-smoke
+test-bench-smoke: deps ## a tiny kefu-bench run (few connections, seconds) so the tool cannot rot; checks no loss, not speed
+	$(CARGO) build -p kefu-node --bin kefu-node -p kefu-bench
+	./target/debug/kefu-bench smoke --node-bin target/debug/kefu-node --server-cpus "" --out $$(mktemp -d)
+
+EXTRA_TESTS += test-bench-smoke
