@@ -632,6 +632,16 @@ mod tests {
     }
 
     #[test]
+    fn committed_crd_yaml_matches_the_types() {
+        let want = crd_yaml().unwrap();
+        for file in ["kefucluster.yaml", "../charts/kefu-operator/crds/kefucluster.yaml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let have = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(have == want, "{} is stale: run `make generate`", path.display());
+        }
+    }
+
+    #[test]
     fn stopped_runs_zero_pods_and_autoscaling_bounds_clamp_replicas() {
         let mut c = cluster(serde_json::json!({"replicas": 7})).spec;
         assert_eq!(c.effective_replicas(), 7);
