@@ -51,7 +51,7 @@ e2e-operator: operator-tools ## the operator binary against the kmock Kubernetes
 	TOOLS=$(TOOLS) $(TOOLS_PY) e2e/operator/run.py
 
 .PHONY: test-operator
-test-operator: operator-tools check-generated lint-chart ## everything operator-related beyond cargo test: generated CRD, chart and manifests
+test-operator: operator-tools check-generated lint-chart e2e-operator ## everything operator-related beyond cargo test: generated CRD, chart and manifests, operator vs API emulator
 
 .PHONY: e2e-kind
 e2e-kind: operator-tools ## NOT run in CI: install the chart and a KefuCluster on a real cluster ($$KUBECONFIG, e.g. kind/k3d) and wait for Ready
