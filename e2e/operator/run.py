@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 
+sys.dont_write_bytecode = True  # keep e2e/operator free of __pycache__
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import emulator  # noqa: E402
 
