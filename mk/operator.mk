@@ -9,6 +9,7 @@ TOOLS_PY := $(TOOLS)/venv/bin/python
 HELM := XDG_CACHE_HOME=$(abspath $(TOOLS))/helm/cache XDG_CONFIG_HOME=$(abspath $(TOOLS))/helm/config XDG_DATA_HOME=$(abspath $(TOOLS))/helm/data $(HELM_BIN)
 CRD_YAML := crds/kefucluster.yaml
 CHART := charts/kefu-operator
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 CHART_CRD := $(CHART)/crds/kefucluster.yaml
 # Build with the same targets and features as `make test-rust`, so nothing is compiled twice.
 BUILD_BINS := $(CARGO) test -q --workspace --all-targets --no-run
@@ -39,7 +40,7 @@ lint-chart: operator-tools ## helm lint --strict, and helm template / config/ / 
 	for f in $$out/chart-*.yaml config/*.yaml; do $(KVALIDATE) --strict --quiet $$f; done; \
 	$(BUILD_BINS); \
 	for f in config/kefucluster-*.yaml; do \
-	  ./target/debug/kefu-operator render -f $$f > $$out/children-$$(basename $$f); \
+	  $(TARGET_DIR)/debug/kefu-operator render -f $$f > $$out/children-$$(basename $$f); \
 	  $(KVALIDATE) --strict --quiet $$out/children-$$(basename $$f); \
 	done; \
 	if $(HELM) template kefu $(CHART) --set replicaCount=0 >/dev/null 2>&1; then echo "values.schema.json accepted replicaCount=0"; exit 1; fi; \
