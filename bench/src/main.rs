@@ -146,8 +146,9 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
         report.hold = Some(r);
     }
 
-    // 2. saturate: visitors → 1 agent connection per 1000 + 2 watchers per conversation (fan-out 3).
-    let agents_for = |v: usize| v.div_ceil(1000).max(1);
+    // 2. saturate: visitors → their agent + 2 watchers per conversation (fan-out 3).
+    // One agent connection per ~100 conversations (an agent console, not one socket carrying everything).
+    let agents_for = |v: usize| v.div_ceil(100).max(1);
     let watchers_for = |v: usize| (v / 50).clamp(2, 200);
     for &rate in &a.rates {
         let p = prepare(&a, "chat", agents_for(a.visitors), watchers_for(a.visitors))?;
