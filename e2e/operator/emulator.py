@@ -111,6 +111,8 @@ class Emulator(KubernetesEmulator):
         super().__attrs_post_init__()
         self.resources.load_bundled()
         self._rv = itertools.count(1000)
+        # (user agent, RBAC verb, API group, resource[/subresource]) of every resource request, for RBAC checks.
+        self.audit: list[tuple[str, str, str, str]] = []
 
     # ---- helpers -------------------------------------------------------------------------------------
 
@@ -172,7 +174,19 @@ class Emulator(KubernetesEmulator):
 
     # ---- request handling ----------------------------------------------------------------------------
 
+    def _record(self, request) -> None:
+        method = str(getattr(request.method, 'value', request.method)).upper()
+        watch = request.params.get('watch') in ('true', '1')
+        verb = {'GET': 'watch' if watch else ('get' if request.name else 'list'), 'POST': 'create',
+                'PUT': 'update', 'PATCH': 'patch',
+                'DELETE': 'delete' if request.name else 'deletecollection'}.get(method, method.lower())
+        resource = request.resource.plural + (f'/{request.subresource}' if request.subresource else '')
+        agent = request.headers.get('User-Agent') or request.headers.get('user-agent') or ''
+        self.audit.append((agent, verb, request.resource.group or '', resource))
+
     async def _handle(self, request):
+        if request.resource is not None and request.resource.plural:
+            self._record(request)
         if request.resource is None or request.method in (enums.method.GET,) and request.subresource != 'scale':
             return await super()._handle(request)
         try:
@@ -350,8 +364,13 @@ class Emulator(KubernetesEmulator):
         return response
 
 
+INSTANCE: 'Emulator | None' = None
+
+
 async def serve(port: int, ready: 'asyncio.Future[int]') -> None:
+    global INSTANCE
     async with Emulator() as emulator, Server(emulator, port=port) as server:
+        INSTANCE = emulator
         ready.set_result(server.port)
         await asyncio.Event().wait()
 

@@ -213,6 +213,7 @@ current-context: emu
         wait_for('finalizer released and KefuCluster gone', lambda: get('kefucluster', 'chat') is None)
         for kind, name in [('statefulset', 'chat'), ('configmap', 'chat-config'), ('service', 'chat')]:
             wait_for(f'{kind}/{name} garbage-collected', lambda kind=kind, name=name: get(kind, name) is None)
+        check_rbac()
         failures = metric(port_b, 'kefu_operator_reconcile_failures_total')
         log(f'ok: all steps passed (standby reconcile failures: {failures})')
     except (Fail, AssertionError) as e:
@@ -227,6 +228,32 @@ current-context: emu
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def check_rbac() -> None:
+    """Every request the operator made must be allowed by the chart's ClusterRole + leader Role (and nothing in
+    those roles may go unused by the whole run, apart from verbs only a real cluster exercises)."""
+    import yaml
+    env = dict(os.environ, XDG_CACHE_HOME=os.path.join(TOOLS, 'helm', 'cache'),
+               XDG_CONFIG_HOME=os.path.join(TOOLS, 'helm', 'config'), XDG_DATA_HOME=os.path.join(TOOLS, 'helm', 'data'))
+    rendered = subprocess.run([os.path.join(TOOLS, 'bin', 'helm'), 'template', 'kefu',
+                               os.path.join(ROOT, 'charts', 'kefu-operator'), '-n', 'kefu-system'],
+                              capture_output=True, text=True, check=True, env=env).stdout
+    allowed = set()
+    for doc in yaml.safe_load_all(rendered):
+        if doc and doc.get('kind') in ('ClusterRole', 'Role'):
+            for rule in doc.get('rules') or []:
+                for g in rule.get('apiGroups', []):
+                    for r in rule.get('resources', []):
+                        for v in rule.get('verbs', []):
+                            allowed.add((g, r, v))
+    used = {(g, r, v) for agent, v, g, r in emulator.INSTANCE.audit if not agent.startswith('kubectl')}
+    if not used:
+        raise Fail('no operator requests were recorded (kubectl user agent changed?)')
+    missing = sorted(u for u in used if u not in allowed)
+    if missing:
+        raise Fail(f'the chart RBAC does not allow what the operator did: {missing}')
+    log(f'ok: chart RBAC allows all {len(used)} (group, resource, verb) the operator used')
 
 
 def assert_eq(actual, expected, what: str) -> None:
