@@ -97,7 +97,8 @@ impl Environment {
             date_utc: cmd("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
             git_sha: cmd("git", &["rev-parse", "--short", "HEAD"]),
             cpu_model,
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // The machine's CPUs, not this (pinned) process's affinity.
+            cpus: cpuinfo.lines().filter(|l| l.starts_with("processor")).count().max(1),
             kernel: read_trim("/proc/sys/kernel/osrelease"),
             mem_total_kib: std::fs::read_to_string("/proc/meminfo")
                 .ok()
