@@ -36,7 +36,10 @@ impl Report {
 
     /// Same rule for the echo baseline, so the ratio compares like with like.
     fn best_echo(&self) -> Option<&EchoResult> {
-        self.echo.iter().filter(|r| r.latency.p99_ms < 50.0).max_by(|a, b| a.deliveries_per_server_cpu_sec.total_cmp(&b.deliveries_per_server_cpu_sec))
+        self.echo
+            .iter()
+            .filter(|r| r.latency.p99_ms < 50.0)
+            .max_by(|a, b| a.deliveries_per_server_cpu_sec.total_cmp(&b.deliveries_per_server_cpu_sec))
     }
 
     /// Throughput claims are made only where latency is still acceptable: the best step with no loss and

@@ -65,8 +65,14 @@ pub struct HoldResult {
     pub connect_secs: f64,
     pub handshake: Latency,
     pub points: Vec<HoldPoint>,
-    /// Least-squares slope of (server RSS + slab) against connections, KiB per connection.
+    /// Server cost per idle connection, KiB: the RSS slope plus half the kernel slab slope. Client and server
+    /// sockets of a loopback pair live in the same kernel and cost the same, so half the slab growth is the
+    /// server side's.
     pub kib_per_connection: f64,
+    /// Least-squares slope of server RSS against connections, KiB per connection.
+    pub rss_kib_per_connection: f64,
+    /// Least-squares slope of kernel slab against connections (both ends of each pair), KiB per connection.
+    pub slab_kib_per_connection_pair: f64,
     pub idle_secs: f64,
     /// Server CPU during the idle phase, percent of one core.
     pub idle_cpu_percent: f64,
@@ -145,16 +151,18 @@ pub async fn hold(addr: SocketAddr, server_pid: u32, n: usize, idle: Duration, b
         errors,
         connect_secs,
         handshake: Latency::of(&handshake),
-        kib_per_connection: slope(&points),
+        kib_per_connection: slope(&points, |p| p.server_rss_kib) + slope(&points, |p| p.slab_kib) / 2.0,
+        rss_kib_per_connection: slope(&points, |p| p.server_rss_kib),
+        slab_kib_per_connection_pair: slope(&points, |p| p.slab_kib),
         points,
         idle_secs,
         idle_cpu_percent,
     }
 }
 
-fn slope(points: &[HoldPoint]) -> f64 {
+fn slope(points: &[HoldPoint], y: impl Fn(&HoldPoint) -> u64) -> f64 {
     let xs: Vec<f64> = points.iter().map(|p| p.connections as f64).collect();
-    let ys: Vec<f64> = points.iter().map(|p| (p.server_rss_kib + p.slab_kib) as f64).collect();
+    let ys: Vec<f64> = points.iter().map(|p| y(p) as f64).collect();
     let n = xs.len() as f64;
     if n < 2.0 {
         return 0.0;
