@@ -130,7 +130,7 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
     }));
 
     let (durable_tx, _durable_rx) = mpsc::unbounded_channel();
-    let writer = store.spawn_writer(durable_tx)?;
+    let writer = store.spawn_writer(durable_tx, metrics.store_commit.with_label_values(&["api"]))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ctx = Arc::new(NodeContext::new(cfg.clone(), engine, auth, metrics, store, writer, shutdown_rx.clone()));
 

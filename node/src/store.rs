@@ -259,12 +259,17 @@ impl Store {
     }
 
     /// Start the group-commit writer thread. Durable tokens are reported on `durable`.
-    pub fn spawn_writer(&self, durable: mpsc::UnboundedSender<DurableEvent>) -> Result<Writer> {
+    /// Each group commit's duration is observed in `commit_seconds`.
+    pub fn spawn_writer(
+        &self,
+        durable: mpsc::UnboundedSender<DurableEvent>,
+        commit_seconds: prometheus::Histogram,
+    ) -> Result<Writer> {
         let (tx, rx) = std_mpsc::channel::<Batch>();
         let db = self.db.clone();
         let handle = std::thread::Builder::new()
             .name("kefu-store-writer".into())
-            .spawn(move || writer_loop(&db, &rx, &durable))
+            .spawn(move || writer_loop(&db, &rx, &durable, &commit_seconds))
             .map_err(|e| Error::io("spawn store writer", e))?;
         Ok(Writer { tx, handle: Arc::new(std::sync::Mutex::new(Some(handle))) })
     }
@@ -314,7 +319,12 @@ impl Writer {
     }
 }
 
-fn writer_loop(db: &Database, rx: &std_mpsc::Receiver<Batch>, durable: &mpsc::UnboundedSender<DurableEvent>) {
+fn writer_loop(
+    db: &Database,
+    rx: &std_mpsc::Receiver<Batch>,
+    durable: &mpsc::UnboundedSender<DurableEvent>,
+    commit_seconds: &prometheus::Histogram,
+) {
     const MAX_GROUP: usize = 4096;
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
@@ -325,7 +335,9 @@ fn writer_loop(db: &Database, rx: &std_mpsc::Receiver<Batch>, durable: &mpsc::Un
             }
         }
         let ops: Vec<Op> = group.iter_mut().flat_map(|b| std::mem::take(&mut b.ops)).collect();
+        let started = std::time::Instant::now();
         let result = apply(db, &ops);
+        commit_seconds.observe(started.elapsed().as_secs_f64());
         let mut tokens = Vec::new();
         for b in group {
             match b.done {

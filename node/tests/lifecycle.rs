@@ -116,6 +116,19 @@ async fn full_lifecycle_from_open_to_rating() {
     assert_eq!(status, 403, "{body}");
     let (status, body) = http(addr, "GET", "/api/conversations", None, None).await;
     assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+
+    // The metrics saw all of it.
+    let (_, metrics) = http(addr, "GET", "/metrics", None, None).await;
+    let text = metrics.as_str().unwrap_or_default().to_owned();
+    let value = |name: &str| -> f64 {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+    };
+    assert!(value("kefu_store_commit_seconds_count{store=\"log\"}") >= 1.0, "{text}");
+    assert!(value("kefu_delivery_latency_seconds_count") >= 9.0, "{text}");
+    assert!(value("kefu_first_response_seconds_count") >= 1.0, "{text}");
+    assert!(value("kefu_queue_wait_seconds_count") >= 1.0, "{text}");
+    assert_eq!(value("kefu_assignments_total{via=\"accept\"}"), 1.0, "{text}");
+    assert_eq!(value("kefu_connections{role=\"agent\"}"), 2.0, "{text}");
     node.shutdown().await;
 }
 

@@ -242,7 +242,7 @@ impl Engine {
     /// Rebuild state from the store and start the engine task.
     pub fn start(parts: EngineParts) -> crate::error::Result<(EngineHandle, tokio::task::JoinHandle<()>)> {
         let (durable_tx, durable_rx) = mpsc::unbounded_channel();
-        let writer = parts.store.spawn_writer(durable_tx)?;
+        let writer = parts.store.spawn_writer(durable_tx, parts.metrics.store_commit.with_label_values(&["log"]))?;
         let snapshot = parts.store.load(RECENT)?;
         let mut engine = Engine {
             cfg: parts.cfg,
