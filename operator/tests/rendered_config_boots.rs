@@ -161,12 +161,31 @@ impl Pod {
     }
 }
 
-async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).await.ok()?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).await.ok()?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let mut text = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut text).await.ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text))
+}
+
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    http_get(addr, path).await.map(|(code, _)| code)
+}
+
+/// `kefu_*` metric names the Grafana dashboard in config/ queries (the operator's own excluded).
+fn dashboard_metrics() -> anyhow::Result<Vec<String>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/grafana-dashboard.json");
+    let text = std::fs::read_to_string(path)?;
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("kefu_") && !w.starts_with("kefu_operator_"))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 struct Frames {
@@ -284,6 +303,19 @@ async fn three_rendered_pods_boot_and_each_serves_a_chat() -> anyhow::Result<()>
         let msg = agent.until("message", |f| f["type"] == "msg" && f["entry"]["kind"] == "message").await?;
         assert_eq!(msg["entry"]["text"], text.as_str());
     }
+
+    // The Grafana dashboard only queries metrics a real node exports (after a chat and one error frame).
+    let mut bad = Frames::connect(SocketAddr::new(pods[0].ip, tcp_port as u16)).await?;
+    bad.send(json!({"type": "hello", "v": 1, "role": "visitor"})).await?;
+    bad.until("welcome", |f| f["type"] == "welcome").await?;
+    bad.send(json!({"type": "send", "id": "x", "conv": "c_nope", "text": "hi"})).await?;
+    bad.until("error frame", |f| f["type"] == "error").await?;
+    let (_, metrics) = http_get(SocketAddr::new(pods[0].ip, http_port as u16), "/metrics").await.context("metrics")?;
+    let wanted = dashboard_metrics()?;
+    assert!(wanted.len() >= 8, "dashboard lost its panels: {wanted:?}");
+    let missing: Vec<&String> =
+        wanted.iter().filter(|m| !metrics.contains(&format!("{m} ")) && !metrics.contains(&format!("{m}{{"))).collect();
+    assert!(missing.is_empty(), "dashboard queries metrics the node does not export: {missing:?}");
 
     // SIGTERM drains and exits well within the rendered grace period.
     for pod in &mut pods {
