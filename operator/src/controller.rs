@@ -200,9 +200,9 @@ async fn apply(kc: Arc<KefuCluster>, ctx: &Context) -> Result<Action> {
 
     for flip in flips {
         info!(cluster = %key(&kc), condition = %flip.type_, status = %flip.status, reason = %flip.reason, "condition changed");
-        let warning = (flip.type_ == condition::DEGRADED) == (flip.status == "True");
+        let degraded = flip.type_ == condition::DEGRADED && flip.status == "True";
         let event = KubeEvent {
-            type_: if warning && flip.type_ == condition::DEGRADED { EventType::Warning } else { EventType::Normal },
+            type_: if degraded { EventType::Warning } else { EventType::Normal },
             reason: flip.reason,
             note: Some(format!("{}={}: {}", flip.type_, flip.status, flip.message)),
             action: "Reconcile".into(),

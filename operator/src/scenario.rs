@@ -252,6 +252,15 @@ async fn invalid_overrides_and_missing_apis_degrade_instead_of_crashing() {
     h.reconcile(&kefu_cluster(json!({"config": {"data": {"dir": "/tmp"}}}))).await.unwrap();
     assert_eq!(h.condition("Degraded"), ("True".into(), "InvalidSpec".into()));
     assert!(h.applied(STS).is_empty(), "nothing rendered from a refused spec");
+    let warnings: Vec<Value> = h
+        .fake
+        .seen()
+        .into_iter()
+        .filter(|s| s.path.contains("/events") && s.body["type"] == "Warning")
+        .map(|s| s.body)
+        .collect();
+    assert_eq!(warnings.len(), 1, "one Warning event, for Degraded=True: {warnings:?}");
+    assert_eq!(warnings[0]["reason"], "InvalidSpec");
 
     let h = Harness::new();
     h.fake.without_api("/apis/keda.sh/");
