@@ -11,7 +11,7 @@ KUBECTL="${KUBECTL:-kubectl}"
 HELM="${HELM:-helm}"
 NS="${NS:-kefu-e2e}"
 $KUBECTL get nodes >/dev/null
-$HELM upgrade --install kefu-operator charts/kefu-operator -n kefu-system --create-namespace --wait --timeout 5m
+env $HELM upgrade --install kefu-operator charts/kefu-operator -n kefu-system --create-namespace --wait --timeout 5m
 $KUBECTL create namespace "$NS" --dry-run=client -o yaml | $KUBECTL apply -f -
 $KUBECTL -n "$NS" create secret generic kefu-auth --from-literal=secret="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
   --dry-run=client -o yaml | $KUBECTL apply -f -
