@@ -47,6 +47,7 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/kefu-chat/kefu-node:", env!("CA
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Connections", type_ = "integer", json_path = ".status.connections"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(
@@ -485,6 +486,9 @@ pub struct KefuClusterStatus {
     /// Label selector of the pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// Open client connections summed over the ready pods (`kefu_connections`), at the last reconcile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<i64>,
     /// Hash of the rendered node config the pods run with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
@@ -625,7 +629,7 @@ mod tests {
         assert_eq!(scale.spec_replicas_path, ".spec.replicas");
         assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
         let cols: Vec<&str> = v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(cols, ["Desired", "Ready", "Status", "Age"]);
+        assert_eq!(cols, ["Desired", "Ready", "Status", "Connections", "Age"]);
         let yaml = crd_yaml().unwrap();
         assert!(yaml.contains("x-kubernetes-validations"), "CEL rules missing from the schema");
         assert!(yaml.contains("x-kubernetes-preserve-unknown-fields: true"));

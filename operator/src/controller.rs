@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -36,8 +36,8 @@ pub const FINALIZER: &str = "kefu.io/cleanup";
 pub const MANAGER: &str = "kefu-operator";
 /// Requeue while pods are rolling, scaling or draining.
 const BUSY_REQUEUE: Duration = Duration::from_secs(10);
-/// Requeue of a settled cluster (drift check).
-const IDLE_REQUEUE: Duration = Duration::from_secs(300);
+/// Requeue of a settled cluster (drift check, fresh connection census).
+const IDLE_REQUEUE: Duration = Duration::from_secs(60);
 /// First retry after a failure; doubles per consecutive failure of the same object.
 const BACKOFF_BASE: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -181,7 +181,11 @@ async fn apply(kc: Arc<KefuCluster>, ctx: &Context) -> Result<Action> {
     let old = kc.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let (conditions, flips) = condition::merge(old, fresh);
     let st = sts.as_ref().and_then(|s| s.status.as_ref());
+    let port = u16::try_from(kc.spec.ports.http).unwrap_or(8080);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let connections = crate::census::count(&pods, &workload::selector_string(name), port).await?;
     let status = KefuClusterStatus {
+        connections,
         observed_generation: kc.metadata.generation,
         replicas: st.map_or(0, |s| s.replicas),
         ready_replicas: st.and_then(|s| s.ready_replicas).unwrap_or(0),

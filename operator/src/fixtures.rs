@@ -150,8 +150,23 @@ impl FakeApi {
         match method {
             "GET" => match s.objects.get(&key) {
                 Some(o) => (200, o.clone()),
-                None if query.contains("limit") || query.contains("watch") => {
-                    (200, json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": []}))
+                // A collection: list what is stored under it, filtered by label.
+                None if query.contains("limit") || query.contains("watch") || query.contains("labelSelector") => {
+                    let q = decode(query);
+                    let selector = q.split('&').find_map(|kv| kv.strip_prefix("labelSelector=")).unwrap_or("");
+                    let prefix = format!("{key}/");
+                    let items: Vec<Value> = s
+                        .objects
+                        .iter()
+                        .filter(|(k, o)| {
+                            k.starts_with(&prefix) && !k[prefix.len()..].contains('/') && matches_labels(o, selector)
+                        })
+                        .map(|(_, o)| o.clone())
+                        .collect();
+                    (
+                        200,
+                        json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": items}),
+                    )
                 }
                 None => status(404, "NotFound", &format!("{key} not found")),
             },

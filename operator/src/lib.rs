@@ -5,6 +5,7 @@
 //! - [`network`] the headless and client Services, Ingress and HTTPRoute;
 //! - [`scaling`] the PodDisruptionBudget, HPA and KEDA ScaledObject;
 //! - [`monitoring`] the ServiceMonitor;
+//! - [`census`] sums `kefu_connections` over the ready pods for `status.connections`;
 //! - [`condition`] the Ready / Progressing / Degraded status conditions;
 //! - [`controller`] the thin reconcile (finalizer → apply / cleanup), backoff and the watch loop;
 //! - [`lease`] leader election on a coordination.k8s.io Lease, so two replicas are safe;
@@ -13,6 +14,7 @@
 //! Builders are pure functions of the KefuCluster, so they are tested without an API server; the controller
 //! is tested against a mocked API (`tower_test`), and the binary against the Kubernetes API emulator in `e2e/`.
 
+pub mod census;
 pub mod condition;
 pub mod controller;
 pub mod error;

@@ -100,7 +100,7 @@ async fn create_applies_every_child_and_writes_status() {
     kc.metadata.generation = Some(1);
     h.fake.clear_seen();
     let action = h.reconcile(&kc).await.unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
     assert_eq!(h.condition("Ready"), ("True".into(), "AllReplicasReady".into()));
     assert_eq!(h.status()["readyReplicas"], 1);
     let notes: Vec<String> = h
@@ -286,4 +286,39 @@ async fn switching_autoscaler_deletes_the_old_one() {
         .unwrap();
     assert!(h.fake.object(hpa).is_none(), "HPA removed");
     assert!(h.fake.object("/apis/keda.sh/v1alpha1/namespaces/default/scaledobjects/chat").is_some());
+}
+
+#[tokio::test]
+async fn status_counts_connections_of_ready_pods() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // One "pod" on 127.0.0.1 serving /metrics like a node with 3 agents and 40 visitors.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let body = "kefu_connections{role=\"agent\"} 3\nkefu_connections{role=\"visitor\"} 40\n";
+            let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            let _ = s.write_all(reply.as_bytes()).await;
+        }
+    });
+    let h = Harness::new();
+    let pod = |name: &str, ip: &str, ready: &str, instance: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default",
+            "labels": {"app.kubernetes.io/name": "kefu", "app.kubernetes.io/instance": instance}},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}})
+    };
+    let pods = "/api/v1/namespaces/default/pods";
+    h.fake.put(&format!("{pods}/chat-0"), pod("chat-0", "127.0.0.1", "True", "chat"));
+    // Not ready, or another cluster's: not counted (their IPs would not answer anyway).
+    h.fake.put(&format!("{pods}/chat-1"), pod("chat-1", "127.0.0.1", "False", "chat"));
+    h.fake.put(&format!("{pods}/other-0"), pod("other-0", "127.0.0.1", "True", "other"));
+    h.reconcile(&kefu_cluster(json!({"ports": {"http": port}}))).await.unwrap();
+    assert_eq!(h.status()["connections"], 43);
+
+    // No pod answers: no figure rather than a wrong one.
+    let h = Harness::new();
+    h.reconcile(&kefu_cluster(json!({}))).await.unwrap();
+    assert!(h.status().get("connections").is_none(), "{}", h.status());
 }
