@@ -178,6 +178,11 @@ current-context: emu
         kc = get('kefucluster', 'chat')
         assert_eq((kc['status']['replicas'], kc['status']['readyReplicas']), (3, 3), 'status counts')
         assert_eq(condition(kc, 'Progressing'), ('False', 'Stable'), 'Progressing')
+        events = json.loads(kubectl('-n', NS, 'get', 'events.v1.events.k8s.io', '-o', 'json'))['items']
+        notes = [e.get('note', '') for e in events if (e.get('regarding') or {}).get('name') == 'chat']
+        if not any(n.startswith('Ready=True') for n in notes):
+            raise Fail(f'no Event for the Ready flip: {notes}')
+        log(f'ok: {len(notes)} events on transitions, e.g. {notes[-1]!r}')
 
         kubectl('-n', NS, 'scale', 'kefucluster', 'chat', '--replicas=5')
         wait_for('scale subresource → StatefulSet 5', lambda: get('statefulset', 'chat')['spec']['replicas'] == 5)
