@@ -88,8 +88,12 @@ pub async fn reconcile(kc: Arc<KefuCluster>, ctx: Arc<Context>) -> Result<Action
             Finalizer::Cleanup(kc) => cleanup(kc, &ctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
+    let result = match result {
+        // A queued reconcile of an object whose finalizer was just released and which is gone now: done.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(e)) if is_not_found(&e) => Ok(Action::await_change()),
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    };
     ctx.metrics.observe(started.elapsed().as_secs_f64(), result.as_ref().err());
     if result.is_ok() {
         ctx.succeeded(&k);

@@ -218,6 +218,18 @@ async fn delete_runs_the_cleanup_policy_and_releases_the_finalizer() {
     assert_eq!(h.fake.object(KC).unwrap()["metadata"]["finalizers"], json!([]));
 }
 
+#[tokio::test]
+async fn late_reconcile_of_an_already_deleted_cluster_is_not_an_error() {
+    let h = Harness::new();
+    let mut kc = kefu_cluster(json!({}));
+    kc.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    // The cache still has the object; the API server no longer does.
+    let action = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(kc), h.ctx.clone())).await.unwrap();
+    assert_eq!(action.unwrap(), Action::await_change());
+    assert!(h.ctx.metrics.render().contains("kefu_operator_reconciles_total{outcome=\"ok\"} 1"));
+}
+
 trait Tap: Sized {
     fn tap(mut self, f: impl FnOnce(&mut Self)) -> Self {
         f(&mut self);
