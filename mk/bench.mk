@@ -10,7 +10,7 @@ bench: deps ## run the benchmark suite (~10 min): writes $(BENCH_OUT)/report.{js
 
 .PHONY: test-bench-smoke
 test-bench-smoke: deps ## a tiny kefu-bench run (few connections, seconds) so the tool cannot rot; checks no loss, not speed
-	$(CARGO) build -p kefu-node --bin kefu-node -p kefu-bench
+	$(CARGO) build -p kefu-node -p kefu-bench --bins
 	./target/debug/kefu-bench smoke --node-bin target/debug/kefu-node --server-cpus "" --out $$(mktemp -d)
 
 EXTRA_TESTS += test-bench-smoke
