@@ -17,6 +17,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::client::{self, Ws};
 use crate::system;
 
+/// Latency of messages intended in the first seconds of a run is not recorded (see `chat`).
+pub const WARMUP: Duration = Duration::from_secs(2);
+
 fn hist() -> Histogram<u64> {
     // Microseconds, 1 µs .. 100 s, 3 significant digits.
     Histogram::new_with_bounds(1, 100_000_000, 3)
@@ -290,12 +293,15 @@ pub async fn chat(
     let connections = agent_ws.len() + visitors.len() + watcher_ws.len();
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Latency is recorded for messages intended after a warm-up (connection setup settles); loss,
+    // duplicates and order are checked for every message.
+    let warm_ns = now_ns() + WARMUP.as_nanos() as u64;
     let slow_count = (p.watchers as f64 * p.slow_fraction).round() as usize;
     let mut receivers = Vec::new();
     for (idx, ws) in agent_ws.into_iter().chain(watcher_ws).enumerate() {
         let stop = stop.clone();
         let slow = idx >= p.agents && idx - p.agents < slow_count;
-        receivers.push(tokio::spawn(receive(ws, stop, slow, now_ns)));
+        receivers.push(tokio::spawn(receive(ws, stop, slow, now_ns, warm_ns)));
     }
     let cpu_s0 = system::cpu_seconds(server_pid);
     let cpu_c0 = system::self_cpu_seconds();
@@ -308,14 +314,16 @@ pub async fn chat(
         let sent = sent.clone();
         let duration = Duration::from_secs_f64(p.duration_secs);
         let pad = p.pad;
-        senders.push(tokio::spawn(send_loop(ws, v, conv, per_visitor, duration, pad, sent, epoch)));
+        senders.push(tokio::spawn(send_loop(ws, v, conv, per_visitor, duration, pad, sent, epoch, warm_ns)));
     }
     let mut ack = hist();
     let mut acked = 0;
-    for s in senders {
-        if let Ok((h, a)) = s.await {
+    let mut sent_by = vec![0u64; p.visitors];
+    for (v, s) in senders.into_iter().enumerate() {
+        if let Ok((h, a, n)) = s.await {
             let _ = ack.add(&h);
             acked += a;
+            sent_by[v] = n;
         }
     }
     let window = t0.elapsed().as_secs_f64();
@@ -347,8 +355,7 @@ pub async fn chat(
     }
     let sent = sent.load(Ordering::Relaxed);
     // Each message of visitor v is expected at the agent and at every healthy watcher of v.
-    let expected: u64 =
-        if p.visitors == 0 { 0 } else { sent * healthy_receivers_per_conv.iter().sum::<u64>() / p.visitors as u64 };
+    let expected: u64 = sent_by.iter().zip(&healthy_receivers_per_conv).map(|(n, r)| n * r).sum();
     Ok(ChatResult {
         connections,
         sent,
@@ -388,20 +395,42 @@ async fn send_loop(
     pad: usize,
     sent: Arc<AtomicU64>,
     epoch: Instant,
-) -> (Histogram<u64>, u64) {
+    warm_ns: u64,
+) -> (Histogram<u64>, u64, u64) {
     let (mut sink, mut stream) = ws.split();
     // Acks are read concurrently; the intended time of message n is known from the schedule.
     let start = Instant::now() + Duration::from_secs_f64(rand_phase(v) / rate.max(0.001));
     let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let done = Arc::new(AtomicBool::new(false));
+    let sender_done = done.clone();
     let reader = tokio::spawn(async move {
         let mut h = hist();
         let mut acks = 0u64;
-        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_millis(1500), stream.next()).await {
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            // Read until the sender is done and the socket has been quiet for 1.5 s.
+            let msg = match tokio::time::timeout(Duration::from_millis(250), stream.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(_) => break,
+                Err(_) => {
+                    if done.load(Ordering::Relaxed) {
+                        let since = *quiet_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_millis(1500) {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+            };
+            quiet_since = None;
             if let Message::Text(t) = msg {
                 if t.contains("\"type\":\"ack\"") {
                     if let Some(n) = ack_id(&t) {
                         let intended = start + interval * n as u32;
-                        let _ = h.record(Instant::now().saturating_duration_since(intended).as_micros().max(1) as u64);
+                        if intended.duration_since(epoch).as_nanos() as u64 >= warm_ns {
+                            let _ =
+                                h.record(Instant::now().saturating_duration_since(intended).as_micros().max(1) as u64);
+                        }
                         acks += 1;
                     }
                 }
@@ -424,9 +453,10 @@ async fn send_loop(
         sent.fetch_add(1, Ordering::Relaxed);
         n += 1;
     }
-    let out = reader.await.unwrap_or_else(|_| (hist(), 0));
+    sender_done.store(true, Ordering::Relaxed);
+    let (h, acks) = reader.await.unwrap_or_else(|_| (hist(), 0));
     let _ = sink.close().await;
-    out
+    (h, acks, n)
 }
 
 fn ack_id(frame: &str) -> Option<u64> {
@@ -439,7 +469,13 @@ fn rand_phase(v: usize) -> f64 {
     ((v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-async fn receive(mut ws: Ws, stop: Arc<AtomicBool>, slow: bool, now_ns: impl Fn() -> u64) -> (Receiver, bool) {
+async fn receive(
+    mut ws: Ws,
+    stop: Arc<AtomicBool>,
+    slow: bool,
+    now_ns: impl Fn() -> u64,
+    warm_ns: u64,
+) -> (Receiver, bool) {
     let mut r = Receiver { hist: hist(), delivered: 0, dup: 0, reorder: 0, last: HashMap::new() };
     if slow {
         // Stop reading; report whether the node closed us (it should).
@@ -464,7 +500,9 @@ async fn receive(mut ws: Ws, stop: Arc<AtomicBool>, slow: bool, now_ns: impl Fn(
         };
         let Message::Text(t) = msg else { continue };
         let Some((v, n, intended)) = client::parse_payload(&t) else { continue };
-        let _ = r.hist.record((now_ns().saturating_sub(intended) / 1000).max(1));
+        if intended >= warm_ns {
+            let _ = r.hist.record((now_ns().saturating_sub(intended) / 1000).max(1));
+        }
         match r.last.get(&v) {
             Some(&last) if n <= last => r.dup += 1,
             Some(&last) if n > last + 1 => {

@@ -146,6 +146,10 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
     let app = router(ctx.clone());
     let mut http_shutdown = shutdown_rx.clone();
     let http_task = tokio::spawn(async move {
+        // Chat frames are small and latency-bound: no Nagle delay on client sockets.
+        let http = axum::serve::ListenerExt::tap_io(http, |tcp: &mut tokio::net::TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        });
         let serve = axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
             async move {
                 let _ = http_shutdown.wait_for(|s| *s).await;
