@@ -76,8 +76,10 @@ impl Report {
         if let Some(h) = &self.hold {
             let _ = writeln!(
                 s,
-                "| P1 | idle cost per connection ≤ 16 KiB | {:.1} KiB per connection (RSS + slab slope, 0 → {} connections) | {} |",
+                "| P1 | idle cost per connection ≤ 16 KiB | {:.1} KiB per connection: server RSS slope {:.1} + half the loopback pair's slab slope {:.1} (0 → {} connections) | {} |",
                 h.kib_per_connection,
+                h.rss_kib_per_connection,
+                h.slab_kib_per_connection_pair / 2.0,
                 h.connections,
                 verdict(h.kib_per_connection <= 16.0)
             );
