@@ -141,6 +141,7 @@ impl Engine {
         let idem_key = format!("{key}/{fid}");
         let seq = match c.idem.get(&idem_key) {
             Some(s) => *s,
+            None if c.idem_complete => return false,
             None => match self.store.idempotent_seq(conv, &idem_key) {
                 Ok(Some(s)) => s,
                 _ => return false,
@@ -437,13 +438,7 @@ impl Engine {
                 let event = Event::Transferred { from_agent, to_agent: Some(target.clone()), to_skill: None };
                 self.append(conv, fid, from, Body::Event { event }, Some(conn), &mut ops, &mut effects);
                 // Old agent sees the transfer entry and the new summary, then loses access.
-                if let Some(Effect::Entry { entry, .. }) = effects.last() {
-                    let out: Out =
-                        Arc::from(ServerFrame::Msg { conv: conv.to_owned(), entry: (**entry).clone() }.to_json());
-                    for t in &old_conns {
-                        effects.push(Effect::Frame { conn: *t, out: out.clone() });
-                    }
-                }
+                copy_last_entry_to(conv, &old_conns, &mut effects);
                 effects.push(Effect::Summary { conv: conv.to_owned(), extra: old_conns });
                 self.commit(ops, effects, at);
                 if let Some(a) = self.agents.get_mut(&target) {
@@ -476,13 +471,7 @@ impl Engine {
                 let mut effects = Vec::new();
                 let event = Event::Transferred { from_agent, to_agent: None, to_skill: Some(skill) };
                 self.append(conv, fid, from, Body::Event { event }, Some(conn), &mut ops, &mut effects);
-                if let Some(Effect::Entry { entry, .. }) = effects.last() {
-                    let out: Out =
-                        Arc::from(ServerFrame::Msg { conv: conv.to_owned(), entry: (**entry).clone() }.to_json());
-                    for t in &old_conns {
-                        effects.push(Effect::Frame { conn: *t, out: out.clone() });
-                    }
-                }
+                copy_last_entry_to(conv, &old_conns, &mut effects);
                 ops.push(self.meta_op(conv));
                 effects.push(Effect::Summary { conv: conv.to_owned(), extra: old_conns });
                 effects.push(Effect::Position { conv: conv.to_owned() });
@@ -638,5 +627,14 @@ impl Engine {
         for t in targets {
             self.push_out(t, out.clone());
         }
+    }
+}
+
+/// Also deliver the entry just staged to `conns` (participants who are leaving with this entry and so are
+/// no longer reached by the fan-out when it becomes durable).
+fn copy_last_entry_to(conv: &str, conns: &[ConnId], effects: &mut Vec<Effect>) {
+    if let Some(Effect::Entry { entry, .. }) = effects.last() {
+        let out: Out = Arc::from(ServerFrame::Msg { conv: conv.to_owned(), entry: (**entry).clone() }.to_json());
+        effects.extend(conns.iter().map(|t| Effect::Frame { conn: *t, out: out.clone() }));
     }
 }

@@ -166,6 +166,16 @@ struct AgentRt {
 }
 
 impl AgentRt {
+    /// A registered agent, offline until it connects.
+    fn new(agent: Agent) -> Self {
+        AgentRt {
+            agent,
+            conns: Vec::new(),
+            status: AgentStatus::Offline,
+            assigned: BTreeSet::new(),
+            offered: BTreeSet::new(),
+        }
+    }
     fn load(&self) -> u32 {
         (self.assigned.len() + self.offered.len()) as u32
     }
@@ -193,6 +203,9 @@ struct ConvRt {
     recent: VecDeque<Arc<Entry>>,
     /// `participant_key/client_id` → seq.
     idem: HashMap<String, u64>,
+    /// Whether `idem` holds every id of this conversation (new ones, and open ones loaded at start), so a
+    /// miss needs no store read on the send path. Closed conversations loaded on demand consult the store.
+    idem_complete: bool,
     /// Retries that arrived before the original was durable: seq → (conn, frame id).
     waiters: HashMap<u64, Vec<(ConnId, String)>>,
     offer: Option<Offer>,
@@ -267,16 +280,7 @@ impl Engine {
             shutting_down: false,
         };
         for agent in snapshot.agents {
-            engine.agents.insert(
-                agent.id.clone(),
-                AgentRt {
-                    agent,
-                    conns: Vec::new(),
-                    status: AgentStatus::Offline,
-                    assigned: BTreeSet::new(),
-                    offered: BTreeSet::new(),
-                },
-            );
+            engine.agents.insert(agent.id.clone(), AgentRt::new(agent));
         }
         for open in snapshot.open {
             if let Some(e) = open.recent.last() {
@@ -284,22 +288,11 @@ impl Engine {
             }
             let id = open.meta.id.clone();
             engine.index_conversation(&open.meta);
-            engine.convs.insert(
-                id,
-                ConvRt {
-                    next_seq: open.last_seq,
-                    durable_seq: open.last_seq,
-                    recent: open.recent.into_iter().map(Arc::new).collect(),
-                    idem: open.idem,
-                    meta: open.meta,
-                    waiters: HashMap::new(),
-                    offer: None,
-                    declined: Vec::new(),
-                    watchers: HashSet::new(),
-                    typing: TypingState { last_forward: None, pending: HashMap::new() },
-                    last_position: None,
-                },
-            );
+            let mut rt = new_rt(open.meta, open.last_seq);
+            rt.recent = open.recent.into_iter().map(Arc::new).collect();
+            rt.idem = open.idem;
+            rt.idem_complete = true;
+            engine.convs.insert(id, rt);
         }
         engine.update_gauges();
         tracing::info!(
@@ -688,6 +681,7 @@ fn new_rt(meta: Conversation, last_seq: u64) -> ConvRt {
         durable_seq: last_seq,
         recent: VecDeque::new(),
         idem: HashMap::new(),
+        idem_complete: last_seq == 0,
         waiters: HashMap::new(),
         offer: None,
         declined: Vec::new(),

@@ -8,16 +8,7 @@ impl Engine {
         match self.agents.get_mut(&agent.id) {
             Some(a) => a.agent = agent,
             None => {
-                self.agents.insert(
-                    agent.id.clone(),
-                    AgentRt {
-                        agent,
-                        conns: Vec::new(),
-                        status: AgentStatus::Offline,
-                        assigned: BTreeSet::new(),
-                        offered: BTreeSet::new(),
-                    },
-                );
+                self.agents.insert(agent.id.clone(), AgentRt::new(agent));
             }
         }
         self.commit(ops, vec![Effect::Reply(reply)], Instant::now());
