@@ -31,7 +31,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// The standard suite (about 10 minutes); writes report.json, report.md, plot.svg under --out.
+    /// The standard suite (about 5 minutes here); writes report.json, report.md, plot.svg under --out.
     Suite(SuiteArgs),
     /// A few connections for a few seconds: proves the tool works (used by `make test`); asserts no loss.
     Smoke(SuiteArgs),
