@@ -93,9 +93,7 @@ impl Engine {
         text: &str,
         at: Instant,
     ) -> Result<(), (ErrorCode, String)> {
-        check_id(fid)?;
-        self.ensure_conv(conv)?;
-        if self.answer_retry(conn, key, fid, conv) {
+        if self.retried(conn, key, fid, conv)? {
             return Ok(());
         }
         let c = self.convs.get(conv).ok_or((ErrorCode::NotFound, "no such conversation".to_owned()))?;
@@ -133,6 +131,21 @@ impl Engine {
         }
         self.commit(ops, effects, at);
         Ok(())
+    }
+
+    /// The common start of every state-changing frame on a conversation: check the frame id, load the
+    /// conversation (and check ownership), and answer a retry of an already-applied frame with its original
+    /// ack. `Ok(true)` means the frame was a retry and is fully answered.
+    pub(super) fn retried(
+        &mut self,
+        conn: ConnId,
+        key: &str,
+        fid: &str,
+        conv: &str,
+    ) -> Result<bool, (ErrorCode, String)> {
+        check_id(fid)?;
+        self.ensure_conv(conv)?;
+        Ok(self.answer_retry(conn, key, fid, conv))
     }
 
     /// If `fid` was already appended by this participant, answer with the original ack.
@@ -285,9 +298,7 @@ impl Engine {
         conv: &str,
         at: Instant,
     ) -> Result<(), (ErrorCode, String)> {
-        check_id(fid)?;
-        self.ensure_conv(conv)?;
-        if self.answer_retry(conn, key, fid, conv) {
+        if self.retried(conn, key, fid, conv)? {
             return Ok(());
         }
         let (_, aid) = split_key(key);
@@ -404,9 +415,7 @@ impl Engine {
         to_skill: Option<String>,
         at: Instant,
     ) -> Result<(), (ErrorCode, String)> {
-        check_id(fid)?;
-        self.ensure_conv(conv)?;
-        if self.answer_retry(conn, key, fid, conv) {
+        if self.retried(conn, key, fid, conv)? {
             return Ok(());
         }
         let (_, aid) = split_key(key);
@@ -500,9 +509,7 @@ impl Engine {
         conv: &str,
         at: Instant,
     ) -> Result<(), (ErrorCode, String)> {
-        check_id(fid)?;
-        self.ensure_conv(conv)?;
-        if self.answer_retry(conn, key, fid, conv) {
+        if self.retried(conn, key, fid, conv)? {
             return Ok(());
         }
         let c = self.convs.get(conv).ok_or((ErrorCode::NotFound, "no such conversation".to_owned()))?;
@@ -555,9 +562,7 @@ impl Engine {
         comment: Option<String>,
         at: Instant,
     ) -> Result<(), (ErrorCode, String)> {
-        check_id(fid)?;
-        self.ensure_conv(conv)?;
-        if self.answer_retry(conn, key, fid, conv) {
+        if self.retried(conn, key, fid, conv)? {
             return Ok(());
         }
         if !(1..=5).contains(&score) {
