@@ -50,6 +50,12 @@ pub struct ServerConfig {
 pub struct DataConfig {
     /// Directory for the embedded store, the offline inbox and the signing secret.
     pub dir: PathBuf,
+    /// Under load, start a group commit (one `fdatasync` of the write-ahead log) at most this often, in
+    /// microseconds; an isolated write is committed at once. 0: commit as soon as the previous one ends.
+    pub commit_interval_us: u64,
+    /// How long the write-ahead log may run ahead of the redb index, in milliseconds (bounds start-up
+    /// replay; longer batches are cheaper).
+    pub index_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,7 +172,7 @@ impl Default for Config {
         Config {
             node_id: "kefu-0".into(),
             server: ServerConfig::default(),
-            data: DataConfig { dir: PathBuf::from("./data") },
+            data: DataConfig::default(),
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             identity: IdentityConfig::default(),
@@ -194,7 +200,7 @@ impl Default for ServerConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { dir: PathBuf::from("./data") }
+        DataConfig { dir: PathBuf::from("./data"), commit_interval_us: 1000, index_interval_ms: 1000 }
     }
 }
 
@@ -326,6 +332,12 @@ impl Config {
         }
         if self.data.dir.as_os_str().is_empty() {
             return bad("data.dir", "must not be empty");
+        }
+        if self.data.commit_interval_us > 100_000 {
+            return bad("data.commit_interval_us", "must be at most 100000 (0.1 s)");
+        }
+        if !(10..=60_000).contains(&self.data.index_interval_ms) {
+            return bad("data.index_interval_ms", "must be between 10 and 60000");
         }
         let l = &self.limits;
         if !(256..=1024 * 1024).contains(&l.max_frame_bytes) {

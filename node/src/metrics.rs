@@ -74,7 +74,10 @@ impl Metrics {
             slow_consumers: IntCounter::new("slow_consumers_total", "Connections closed for not reading")
                 .unwrap_or_else(|_| unreachable_metric()),
             store_commit: HistogramVec::new(
-                HistogramOpts::new("store_commit_seconds", "Group commit duration of the local store")
+                HistogramOpts::new(
+                    "store_commit_seconds",
+                    "Store commit duration: store=\"wal\" a log group commit (fdatasync), store=\"index\" a redb index batch",
+                )
                     .buckets(LATENCY_BUCKETS.to_vec()),
                 &["store"],
             )

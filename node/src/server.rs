@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::model::{Agent, Role};
 use crate::ownership::LocalOwnership;
 use crate::protocol::ErrorCode;
-use crate::store::{Op, Store, encode};
+use crate::store::{Op, Store, WriterOptions, encode};
 
 /// A started node.
 #[derive(Debug)]
@@ -111,11 +111,24 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
     }
 
     let filter = WordFilter::new(&cfg.filter_words()?, cfg.filter.mode)?;
+    // One writer for the engine and the REST API: the log has one appender. Durable tokens go to the engine.
+    let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+    let writer = store.spawn_writer(
+        durable_tx,
+        WriterOptions {
+            commit_interval: Duration::from_micros(cfg.data.commit_interval_us),
+            index_interval: Duration::from_millis(cfg.data.index_interval_ms),
+            commit_seconds: metrics.store_commit.with_label_values(&["wal"]),
+            index_seconds: metrics.store_commit.with_label_values(&["index"]),
+        },
+    )?;
     let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
     let (engine, engine_task) = Engine::start(EngineParts {
         cfg: (*cfg).clone(),
         metrics: metrics.clone(),
         store: store.clone(),
+        writer: writer.clone(),
+        durable: durable_rx,
         ownership: Arc::new(LocalOwnership),
         filter,
         inbox: Some(inbox_tx),
@@ -129,8 +142,6 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
         });
     }));
 
-    let (durable_tx, _durable_rx) = mpsc::unbounded_channel();
-    let writer = store.spawn_writer(durable_tx, metrics.store_commit.with_label_values(&["api"]))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ctx = Arc::new(NodeContext::new(cfg.clone(), engine, auth, metrics, store, writer, shutdown_rx.clone()));
 

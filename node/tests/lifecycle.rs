@@ -123,7 +123,7 @@ async fn full_lifecycle_from_open_to_rating() {
     let value = |name: &str| -> f64 {
         text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
     };
-    assert!(value("kefu_store_commit_seconds_count{store=\"log\"}") >= 1.0, "{text}");
+    assert!(value("kefu_store_commit_seconds_count{store=\"wal\"}") >= 1.0, "{text}");
     assert!(value("kefu_delivery_latency_seconds_count") >= 9.0, "{text}");
     assert!(value("kefu_first_response_seconds_count") >= 1.0, "{text}");
     assert!(value("kefu_queue_wait_seconds_count") >= 1.0, "{text}");

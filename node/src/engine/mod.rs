@@ -246,6 +246,9 @@ pub struct EngineParts {
     pub cfg: Config,
     pub metrics: Metrics,
     pub store: Store,
+    /// The store writer (shared with the REST API) and the channel its durable tokens arrive on.
+    pub writer: Writer,
+    pub durable: mpsc::UnboundedReceiver<DurableEvent>,
     pub ownership: Arc<dyn Ownership>,
     pub filter: WordFilter,
     pub inbox: Option<mpsc::UnboundedSender<InboxCmd>>,
@@ -254,8 +257,8 @@ pub struct EngineParts {
 impl Engine {
     /// Rebuild state from the store and start the engine task.
     pub fn start(parts: EngineParts) -> crate::error::Result<(EngineHandle, tokio::task::JoinHandle<()>)> {
-        let (durable_tx, durable_rx) = mpsc::unbounded_channel();
-        let writer = parts.store.spawn_writer(durable_tx, parts.metrics.store_commit.with_label_values(&["log"]))?;
+        let durable_rx = parts.durable;
+        let writer = parts.writer;
         let snapshot = parts.store.load(RECENT)?;
         let mut engine = Engine {
             cfg: parts.cfg,

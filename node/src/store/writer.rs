@@ -1,0 +1,169 @@
+//! The two store threads. The writer appends each group of batches to the write-ahead log with one
+//! `fdatasync`, makes it visible in the overlay and reports it durable, in submission order. The indexer
+//! applies what the log holds to redb in large batches (one redb commit per `index_interval`), then drops
+//! those writes from the overlay and deletes log segments redb now covers.
+//!
+//! Why two: a redb commit copies every B-tree page it touches, and chat entries of many conversations
+//! land on as many different leaves, so committing each small group cost more than all the socket work of
+//! delivering it. The log makes an ack cost one sequential write; redb sees each conversation's entries of
+//! a whole interval in one commit.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redb::Database;
+use tokio::sync::mpsc;
+
+use super::overlay::Overlay;
+use super::wal::{self, Wal};
+use super::{Batch, Done, DurableEvent, Op, apply, lock};
+use crate::error::Error;
+
+/// Timing of the store threads.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Under load, start a group commit at most this often (more batches share one `fdatasync`); an
+    /// isolated write is committed at once.
+    pub commit_interval: Duration,
+    /// How long the log may run ahead of the redb index.
+    pub index_interval: Duration,
+    /// Duration of each group commit (`fdatasync` included).
+    pub commit_seconds: prometheus::Histogram,
+    /// Duration of each index batch (redb commit included).
+    pub index_seconds: prometheus::Histogram,
+}
+
+/// Most batches in one group commit.
+const MAX_GROUP: usize = 4096;
+/// The indexer writes early once this many ops wait.
+const MAX_UNINDEXED: usize = 200_000;
+
+pub(super) fn writer_loop(
+    mut wal: Wal,
+    rx: &Receiver<Batch>,
+    durable: &mpsc::UnboundedSender<DurableEvent>,
+    overlay: &Mutex<Overlay>,
+    index_tx: &Sender<Vec<(u64, Op)>>,
+    opts: &WriterOptions,
+) {
+    let mut last_commit: Option<Instant> = None;
+    while let Ok(first) = rx.recv() {
+        if let Some(wait) = last_commit.and_then(|t| opts.commit_interval.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(b) => group.push(b),
+                Err(_) => break,
+            }
+        }
+        let ops: Vec<Op> = group.iter_mut().flat_map(|b| std::mem::take(&mut b.ops)).collect();
+        let started = Instant::now();
+        let result = wal.append(&ops);
+        if !ops.is_empty() {
+            opts.commit_seconds.observe(started.elapsed().as_secs_f64());
+            last_commit = Some(Instant::now());
+        }
+        if let Ok(first_lsn) = result {
+            if !ops.is_empty() {
+                lock(overlay).add(first_lsn, &ops);
+                let numbered = ops.into_iter().enumerate().map(|(i, op)| (first_lsn + i as u64, op)).collect();
+                let _ = index_tx.send(numbered);
+            }
+        }
+        let mut tokens = Vec::new();
+        for b in group {
+            match b.done {
+                Done::Token(t) => tokens.push(t),
+                Done::Reply(tx) => {
+                    let _ = tx.send(result.as_ref().map(|_| ()).map_err(|e| Error::Store(e.to_string())));
+                }
+            }
+        }
+        match result {
+            Ok(_) => {
+                if !tokens.is_empty() {
+                    let _ = durable.send(Ok(tokens));
+                }
+            }
+            Err(e) => {
+                // After a failed fdatasync the page cache may no longer match the disk: stop writing.
+                tracing::error!(error = %e, "write-ahead log append failed; the node stops accepting writes");
+                let _ = durable.send(Err(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+pub(super) fn indexer_loop(
+    db: &Database,
+    rx: &Receiver<Vec<(u64, Op)>>,
+    overlay: &Mutex<Overlay>,
+    wal_dir: &std::path::Path,
+    opts: &WriterOptions,
+) {
+    let mut waiting: Vec<(u64, Op)> = Vec::new();
+    let mut due: Option<Instant> = None;
+    loop {
+        let msg = match due {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+        };
+        let closed = match msg {
+            Ok(chunk) => {
+                let d = *due.get_or_insert_with(|| Instant::now() + opts.index_interval);
+                waiting.extend(chunk);
+                if waiting.len() < MAX_UNINDEXED && Instant::now() < d {
+                    continue;
+                }
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        due = None;
+        if let Some(&(last, _)) = waiting.last() {
+            let started = Instant::now();
+            match apply(db, waiting.iter().map(|(_, op)| op), Some(last)) {
+                Ok(()) => {
+                    opts.index_seconds.observe(started.elapsed().as_secs_f64());
+                    lock(overlay).remove_indexed(&waiting);
+                    waiting.clear();
+                    if let Err(e) = wal::remove_through(wal_dir, last) {
+                        tracing::warn!(error = %e, "could not remove indexed log segments; will retry");
+                    }
+                }
+                Err(e) => {
+                    // The log still holds everything and reads still see it (overlay): retry later.
+                    tracing::error!(error = %e, waiting = waiting.len(), "store index commit failed; retrying");
+                    if !closed {
+                        due = Some(Instant::now() + opts.index_interval);
+                    }
+                }
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// Handles of the running threads, joined when the last [`super::Writer`] clone is closed.
+#[derive(Debug, Default)]
+pub(super) struct Threads {
+    pub writer: Option<std::thread::JoinHandle<()>>,
+    pub indexer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Threads {
+    pub fn join(&mut self) {
+        for h in [self.writer.take(), self.indexer.take()].into_iter().flatten() {
+            let _ = h.join();
+        }
+    }
+}
+
+pub(super) type SharedThreads = Arc<Mutex<Threads>>;
