@@ -79,6 +79,18 @@ struct SuiteArgs {
     /// WebSocket read/write buffer on both ends, bytes.
     #[arg(long, default_value_t = 4096)]
     ws_buffer: usize,
+    /// Phases to run (for tuning one thing at a time); the report covers what ran.
+    #[arg(long, value_delimiter = ',', default_value = "hold,saturate,echo,steady,slow")]
+    phases: Vec<Phase>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    Hold,
+    Saturate,
+    Echo,
+    Steady,
+    Slow,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -133,8 +145,9 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
     };
     let pad = 90; // a ~200-byte `msg` frame
 
+    let runs = |p: Phase| a.phases.contains(&p);
     // 1. hold
-    {
+    if runs(Phase::Hold) {
         eprintln!("hold: {} idle connections for {} s", a.hold, a.hold_secs);
         let p = prepare(&a, "hold", 1, 1)?;
         let r =
@@ -150,7 +163,7 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
     // One agent connection per ~100 conversations (an agent console, not one socket carrying everything).
     let agents_for = |v: usize| v.div_ceil(100).max(1);
     let watchers_for = |v: usize| (v / 50).clamp(2, 200);
-    for &rate in &a.rates {
+    for &rate in a.rates.iter().filter(|_| runs(Phase::Saturate)) {
         let p = prepare(&a, "chat", agents_for(a.visitors), watchers_for(a.visitors))?;
         let params = ChatParams {
             visitors: a.visitors,
@@ -182,7 +195,7 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
     }
 
     // 3. echo baseline at the same delivery rates (one delivery per echoed message).
-    for &rate in &a.rates {
+    for &rate in a.rates.iter().filter(|_| runs(Phase::Echo)) {
         let t = Target::echo(&a.server_cpus, a.ws_buffer)?;
         let r = scenario::echo(
             t.addr,
@@ -204,7 +217,8 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
     // 4. steady at half the knee with many connections, then the same with 1 % slow consumers.
     let knee_rate = report.knee().map(|k| k.params.rate).unwrap_or(a.rates[0]);
     let rate = (knee_rate / 2.0).max(10.0);
-    for slow in [0.0, 0.01] {
+    let steady_phases = [(0.0, Phase::Steady), (0.01, Phase::Slow)];
+    for slow in steady_phases.iter().filter(|(_, p)| runs(*p)).map(|(s, _)| *s) {
         let v = a.steady_visitors;
         let watchers = watchers_for(v).max(100);
         let p = prepare(&a, "steady", agents_for(v), watchers)?;
@@ -240,7 +254,7 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
                 bail!("smoke chat run lost or duplicated messages: {r:?}");
             }
         }
-        let h = report.hold.as_ref().context("hold ran")?;
+        let h = report.hold.as_ref().context("the smoke run includes the hold phase")?;
         if h.connections != a.hold || h.errors != 0 {
             bail!("smoke hold run failed: {h:?}");
         }

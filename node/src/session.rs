@@ -22,6 +22,8 @@ use crate::rate_limit::TokenBucket;
 const ABUSE_LIMIT: u32 = 200;
 /// Longest time one outbound write may take before the peer is treated as a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most queued frames written in one go.
+const WRITE_BATCH: usize = 64;
 
 /// Serve one connection until it closes. `role` is fixed by the endpoint (WebSocket) or taken from
 /// `hello.role` (raw TCP).
@@ -110,6 +112,8 @@ async fn serve<R: FrameReader, W: FrameWriter>(
     let writer_task = tokio::spawn(
         async move {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        // Allocated while frames flow, released when the queue empties: idle connections stay small.
+        let mut batch = Vec::new();
         loop {
             tokio::select! {
                 biased;
@@ -131,10 +135,16 @@ async fn serve<R: FrameReader, W: FrameWriter>(
                     let _ = tokio::time::timeout(Duration::from_secs(1), writer.close(code, code_reason(&frame))).await;
                     return;
                 }
-                out = rx.recv() => {
-                    let Some(out) = out else { return };
-                    match tokio::time::timeout(WRITE_TIMEOUT, writer.send(&out)).await {
-                        Ok(Ok(())) => frames_out.inc(),
+                n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                    if n == 0 { return }
+                    // Whatever queued up while the last write ran goes out in one write.
+                    let sent = tokio::time::timeout(WRITE_TIMEOUT, writer.send_all(&batch)).await;
+                    batch.clear();
+                    if rx.is_empty() {
+                        batch = Vec::new();
+                    }
+                    match sent {
+                        Ok(Ok(())) => frames_out.inc_by(n as u64),
                         Ok(Err(_)) => return,
                         Err(_) => {
                             writer_closer.close(CloseReason::Error(ErrorCode::SlowConsumer, "write timed out".into()));

@@ -56,6 +56,8 @@ pub trait FrameReader: Send + 'static {
 /// Writing half of a transport.
 pub trait FrameWriter: Send + 'static {
     fn send(&mut self, text: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// Several frames in order, written to the socket together (one syscall where they fit the buffer).
+    fn send_all(&mut self, texts: &[crate::conn::Out]) -> impl Future<Output = Result<(), String>> + Send;
     /// Transport keep-alive; a no-op where the transport has none.
     fn ping(&mut self) -> impl Future<Output = Result<(), String>> + Send;
     fn close(&mut self, code: CloseCode, reason: &str) -> impl Future<Output = ()> + Send;

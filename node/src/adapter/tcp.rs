@@ -105,6 +105,15 @@ impl FrameWriter for TcpWriter {
         self.writer.write_all(&buf).await.map_err(|e| e.to_string())
     }
 
+    async fn send_all(&mut self, texts: &[crate::conn::Out]) -> Result<(), String> {
+        let mut buf = Vec::with_capacity(texts.iter().map(|t| t.len() + 1).sum());
+        for t in texts {
+            buf.extend_from_slice(t.as_bytes());
+            buf.push(b'\n');
+        }
+        self.writer.write_all(&buf).await.map_err(|e| e.to_string())
+    }
+
     async fn ping(&mut self) -> Result<(), String> {
         Ok(())
     }

@@ -51,6 +51,13 @@ impl FrameWriter for WsWriter {
         self.sink.send(Message::Text(text.into())).await.map_err(|e| e.to_string())
     }
 
+    async fn send_all(&mut self, texts: &[crate::conn::Out]) -> Result<(), String> {
+        for t in texts {
+            self.sink.feed(Message::Text((**t).into())).await.map_err(|e| e.to_string())?;
+        }
+        self.sink.flush().await.map_err(|e| e.to_string())
+    }
+
     async fn ping(&mut self) -> Result<(), String> {
         self.sink.send(Message::Ping(Default::default())).await.map_err(|e| e.to_string())
     }

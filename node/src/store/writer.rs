@@ -36,6 +36,8 @@ pub struct WriterOptions {
 
 /// Most batches in one group commit.
 const MAX_GROUP: usize = 4096;
+/// Nice value of the indexer thread.
+const INDEXER_NICE: i32 = 10;
 /// The indexer writes early once this many ops wait.
 const MAX_UNINDEXED: usize = 200_000;
 
@@ -105,6 +107,12 @@ pub(super) fn indexer_loop(
     wal_dir: &std::path::Path,
     opts: &WriterOptions,
 ) {
+    // Index maintenance is background work, like compaction in other stores: when the core is busy, socket
+    // work and log commits go first (a nice-0 thread gets ~9x the CPU share of a nice-10 one). Under
+    // sustained overload the indexer falls behind and its batches grow, which makes them cheaper per entry.
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), INDEXER_NICE) {
+        tracing::debug!(error = %e, "could not lower the indexer thread's priority");
+    }
     let mut waiting: Vec<(u64, Op)> = Vec::new();
     let mut due: Option<Instant> = None;
     loop {
