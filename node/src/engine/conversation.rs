@@ -246,6 +246,7 @@ impl Engine {
             self.forward_typing(conv, &from, on);
         } else {
             c.typing.pending.insert(from.key(), (from, on));
+            self.typing_due.insert(conv.to_owned());
         }
         Ok(())
     }
@@ -619,6 +620,9 @@ impl Engine {
         self.ensure_conv(conv)?;
         if let Some(c) = self.convs.get_mut(conv) {
             c.watchers.insert(conn);
+            if let Some(s) = self.conns.get_mut(&conn) {
+                s.watching.insert(conv.to_owned());
+            }
         }
         if let Some(s) = self.summary(conv) {
             self.push(conn, &ServerFrame::Conversation { conv: s });

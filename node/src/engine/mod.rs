@@ -148,6 +148,8 @@ struct ConnState {
     syncing: Option<Vec<Out>>,
     /// Conversations replayed at connect (their inbox items are redundant).
     resumed: HashSet<String>,
+    /// Conversations this connection watches, so a disconnect touches only those.
+    watching: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -235,6 +237,12 @@ pub struct Engine {
     pending: VecDeque<(u64, Pending)>,
     next_token: u64,
     dirty_meta: HashSet<String>,
+    /// Offer deadlines, soonest first (an entry whose conversation's offer changed since is skipped).
+    offer_deadlines: BTreeSet<(Instant, String)>,
+    /// Conversations holding coalesced typing indicators not yet forwarded.
+    typing_due: HashSet<String>,
+    /// Ticks since start, to run the closed-conversation sweep now and then rather than every tick.
+    ticks: u64,
     /// Moving average of recent queue waits, for the visitor's estimated wait.
     wait_ema_ms: Option<f64>,
     healthy: bool,
@@ -278,6 +286,9 @@ impl Engine {
             pending: VecDeque::new(),
             next_token: 1,
             dirty_meta: HashSet::new(),
+            offer_deadlines: BTreeSet::new(),
+            typing_due: HashSet::new(),
+            ticks: 0,
             wait_ema_ms: None,
             healthy: true,
             shutting_down: false,
@@ -298,6 +309,7 @@ impl Engine {
             engine.convs.insert(id, rt);
         }
         engine.update_gauges();
+        engine.update_open_gauge();
         tracing::info!(
             agents = engine.agents.len(),
             open_conversations = engine.convs.len(),
@@ -438,7 +450,10 @@ impl Engine {
         };
         let key = format!("{}:{}", role.as_str(), pid);
         self.metrics.connections.with_label_values(&[role.as_str()]).inc();
-        self.conns.insert(id, ConnState { conn, key: key.clone(), syncing: None, resumed: HashSet::new() });
+        self.conns.insert(
+            id,
+            ConnState { conn, key: key.clone(), syncing: None, resumed: HashSet::new(), watching: HashSet::new() },
+        );
         let conversations = self.summaries_for(&key);
         let welcome = ServerFrame::Welcome(Welcome {
             v: VERSION,
@@ -515,8 +530,10 @@ impl Engine {
         let Some(state) = self.conns.remove(&conn) else { return };
         let (role, pid) = split_key(&state.key);
         self.metrics.connections.with_label_values(&[role]).dec();
-        for c in self.convs.values_mut() {
-            c.watchers.remove(&conn);
+        for conv in &state.watching {
+            if let Some(c) = self.convs.get_mut(conv) {
+                c.watchers.remove(&conn);
+            }
         }
         if role == "visitor" {
             if let Some(v) = self.visitors.get_mut(pid) {

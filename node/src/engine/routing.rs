@@ -57,6 +57,7 @@ impl Engine {
             let expires = Instant::now() + Duration::from_secs(self.cfg.routing.offer_timeout_secs);
             if let Some(c) = self.convs.get_mut(&conv) {
                 c.offer = Some(Offer { agent: agent.clone(), expires });
+                self.offer_deadlines.insert((expires, conv.clone()));
             }
             if let Some(frame) = self.offer_frame(&conv) {
                 let out: Out = Arc::from(frame.to_json());
@@ -102,43 +103,60 @@ impl Engine {
         }
     }
 
+    /// Every 100 ms: expired offers, trailing typing edges, queued conversations, dirty metadata, and now
+    /// and then the sweep of closed conversations. Touches only conversations with something due, so its
+    /// cost does not grow with the number of open conversations.
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
+        self.ticks += 1;
         // Offers not accepted in time go to someone else.
-        let expired: Vec<String> = self
-            .convs
-            .iter()
-            .filter(|(_, c)| c.offer.as_ref().is_some_and(|o| o.expires <= now))
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut expired = Vec::new();
+        while let Some(first) = self.offer_deadlines.first() {
+            if first.0 > now {
+                break;
+            }
+            let Some((deadline, conv)) = self.offer_deadlines.pop_first() else { break };
+            let current = self.convs.get(&conv).and_then(|c| c.offer.as_ref()).is_some_and(|o| o.expires == deadline);
+            if current {
+                expired.push(conv);
+            }
+        }
         for conv in &expired {
             tracing::info!(conv = %conv, "offer expired; re-offering");
             self.withdraw_offer(conv, true);
         }
         // Trailing edge of coalesced typing indicators.
-        let interval = Duration::from_millis(self.cfg.typing.interval_ms);
-        let due: Vec<(String, Vec<(Participant, bool)>)> = self
-            .convs
-            .iter_mut()
-            .filter(|(_, c)| {
-                !c.typing.pending.is_empty() && c.typing.last_forward.is_none_or(|t| now.duration_since(t) >= interval)
-            })
-            .map(|(id, c)| {
+        if !self.typing_due.is_empty() {
+            let interval = Duration::from_millis(self.cfg.typing.interval_ms);
+            let mut due: Vec<(String, Vec<(Participant, bool)>)> = Vec::new();
+            let convs = &mut self.convs;
+            self.typing_due.retain(|id| {
+                let Some(c) = convs.get_mut(id) else { return false };
+                if c.typing.pending.is_empty() {
+                    return false;
+                }
+                if c.typing.last_forward.is_some_and(|t| now.duration_since(t) < interval) {
+                    return true;
+                }
                 c.typing.last_forward = Some(now);
-                (id.clone(), c.typing.pending.drain().map(|(_, v)| v).collect())
-            })
-            .collect();
-        for (conv, items) in due {
-            for (from, on) in items {
-                self.forward_typing(&conv, &from, on);
+                due.push((id.clone(), c.typing.pending.drain().map(|(_, v)| v).collect()));
+                false
+            });
+            for (conv, items) in due {
+                for (from, on) in items {
+                    self.forward_typing(&conv, &from, on);
+                }
             }
         }
         if !expired.is_empty() || !self.queue.is_empty() {
             self.dispatch();
         }
         self.persist_dirty();
-        // Closed conversations nobody is looking at leave memory (they stay in the store).
-        if self.convs.len() > 1024 {
+        if self.ticks.is_multiple_of(10) {
+            self.update_open_gauge();
+        }
+        // Closed conversations nobody is looking at leave memory (they stay in the store); every 5 s.
+        if self.ticks.is_multiple_of(50) && self.convs.len() > 1024 {
             let idle: Vec<String> = self
                 .convs
                 .iter()

@@ -68,8 +68,13 @@ impl Engine {
         ids.iter().filter_map(|c| self.summary(c)).filter(|s| s.last_seq > 0).collect()
     }
 
+    /// The queue gauge, after every change. The open-conversations count walks every conversation, so it
+    /// is refreshed once a second by the tick (and at start-up), not per event.
     pub(super) fn update_gauges(&self) {
         self.metrics.queued.set(self.queue.len() as i64);
+    }
+
+    pub(super) fn update_open_gauge(&self) {
         self.metrics
             .open_conversations
             .set(self.convs.values().filter(|c| c.meta.state != ConvState::Closed).count() as i64);

@@ -227,7 +227,7 @@ impl Store {
 
     /// The highest stored seq of `conv` (0 when empty).
     pub fn last_seq(&self, conv: &str) -> Result<u64> {
-        let over = lock(&self.overlay).entries.get(conv).and_then(|m| m.keys().next_back().copied());
+        let over = lock(&self.overlay).last_seq(conv);
         let txn = self.db.begin_read()?;
         let table = txn.open_table(ENTRIES)?;
         let last = table.range((conv, 0)..=(conv, u64::MAX))?.next_back().transpose()?;
@@ -236,8 +236,8 @@ impl Store {
 
     /// The seq stored for a client id, if that id was appended before.
     pub fn idempotent_seq(&self, conv: &str, client_id: &str) -> Result<Option<u64>> {
-        if let Some(seq) = lock(&self.overlay).idem.get(conv).and_then(|m| m.get(client_id)) {
-            return Ok(Some(*seq));
+        if let Some(seq) = lock(&self.overlay).idem(conv, client_id) {
+            return Ok(Some(seq));
         }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(IDEM)?;
@@ -245,8 +245,8 @@ impl Store {
     }
 
     pub fn conversation(&self, id: &str) -> Result<Option<Conversation>> {
-        if let Some((_, json)) = lock(&self.overlay).convs.get(id) {
-            return decode("conversations", json).map(Some);
+        if let Some(json) = lock(&self.overlay).conversation(id) {
+            return decode("conversations", &json).map(Some);
         }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(CONVS)?;
@@ -260,8 +260,7 @@ impl Store {
         agent: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Conversation>> {
-        let newer: HashMap<String, Vec<u8>> =
-            lock(&self.overlay).convs.iter().map(|(id, (_, json))| (id.clone(), json.clone())).collect();
+        let newer = lock(&self.overlay).conversations();
         let txn = self.db.begin_read()?;
         let table = txn.open_table(CONVS)?;
         let mut out = Vec::new();
@@ -290,8 +289,8 @@ impl Store {
     }
 
     pub fn agent(&self, id: &str) -> Result<Option<Agent>> {
-        if let Some((_, json)) = lock(&self.overlay).agents.get(id) {
-            return decode("agents", json).map(Some);
+        if let Some(json) = lock(&self.overlay).agent(id) {
+            return decode("agents", &json).map(Some);
         }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(AGENTS)?;
@@ -299,8 +298,7 @@ impl Store {
     }
 
     pub fn canned(&self) -> Result<Vec<CannedReply>> {
-        let newer: HashMap<String, Option<Vec<u8>>> =
-            lock(&self.overlay).canned.iter().map(|(id, (_, json))| (id.clone(), json.clone())).collect();
+        let newer = lock(&self.overlay).canned();
         let txn = self.db.begin_read()?;
         let table = txn.open_table(CANNED)?;
         let mut out = Vec::new();
@@ -329,17 +327,17 @@ impl Store {
     pub fn spawn_writer(&self, durable: mpsc::UnboundedSender<DurableEvent>, opts: WriterOptions) -> Result<Writer> {
         let wal = lock(&self.wal).take().ok_or_else(|| Error::Store("the store writer is already running".into()))?;
         let (tx, rx) = std_mpsc::channel::<Batch>();
-        let (index_tx, index_rx) = std_mpsc::channel();
+        let (nudge_tx, nudge_rx) = std_mpsc::channel();
         let threads = writer::SharedThreads::default();
         let (db, overlay, wal_dir, o) = (self.db.clone(), self.overlay.clone(), self.wal_dir.clone(), opts.clone());
         let indexer = std::thread::Builder::new()
             .name("kefu-store-index".into())
-            .spawn(move || writer::indexer_loop(&db, &index_rx, &overlay, &wal_dir, &o))
+            .spawn(move || writer::indexer_loop(&db, &nudge_rx, &overlay, &wal_dir, &o))
             .map_err(|e| Error::io("spawn store indexer", e))?;
         let overlay = self.overlay.clone();
         let writer = std::thread::Builder::new()
             .name("kefu-store-writer".into())
-            .spawn(move || writer::writer_loop(wal, &rx, &durable, &overlay, &index_tx, &opts))
+            .spawn(move || writer::writer_loop(wal, &rx, &durable, &overlay, &nudge_tx, &opts))
             .map_err(|e| Error::io("spawn store writer", e))?;
         *lock(&threads) = writer::Threads { writer: Some(writer), indexer: Some(indexer) };
         Ok(Writer { tx, threads })
@@ -423,6 +421,49 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>, applied: Option<u
         }
         if let Some(lsn) = applied {
             txn.open_table(META)?.insert(APPLIED_LSN, lsn)?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// Apply sealed overlay generations (oldest first) to the index in one durable redb transaction, recording
+/// the last log record they include.
+fn apply_generations(db: &Database, gens: &[Arc<overlay::Generation>]) -> Result<()> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate);
+    {
+        let mut entries = txn.open_table(ENTRIES)?;
+        let mut idem = txn.open_table(IDEM)?;
+        let mut convs = txn.open_table(CONVS)?;
+        let mut agents = txn.open_table(AGENTS)?;
+        let mut canned = txn.open_table(CANNED)?;
+        for g in gens {
+            for (conv, rows) in &g.entries {
+                for (seq, json) in rows {
+                    entries.insert((conv.as_str(), *seq), json.as_slice())?;
+                }
+            }
+            for (conv, ids) in &g.idem {
+                for (client, seq) in ids {
+                    idem.insert((conv.as_str(), client.as_str()), *seq)?;
+                }
+            }
+            for (id, json) in &g.convs {
+                convs.insert(id.as_str(), json.as_slice())?;
+            }
+            for (id, json) in &g.agents {
+                agents.insert(id.as_str(), json.as_slice())?;
+            }
+            for (id, json) in &g.canned {
+                match json {
+                    Some(j) => canned.insert(id.as_str(), j.as_slice()).map(|_| ())?,
+                    None => canned.remove(id.as_str()).map(|_| ())?,
+                }
+            }
+        }
+        if let Some(last) = gens.iter().map(|g| g.last_lsn).max() {
+            txn.open_table(META)?.insert(APPLIED_LSN, last)?;
         }
     }
     txn.commit()?;

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::overlay::Overlay;
 use super::wal::{self, Wal};
-use super::{Batch, Done, DurableEvent, Op, apply, lock};
+use super::{Batch, Done, DurableEvent, Op, apply_generations, lock};
 use crate::error::Error;
 
 /// Timing of the store threads.
@@ -38,7 +38,7 @@ pub struct WriterOptions {
 const MAX_GROUP: usize = 4096;
 /// Nice value of the indexer thread.
 const INDEXER_NICE: i32 = 10;
-/// The indexer writes early once this many ops wait.
+/// The indexer is nudged to run early once this many ops wait.
 const MAX_UNINDEXED: usize = 200_000;
 
 pub(super) fn writer_loop(
@@ -46,7 +46,7 @@ pub(super) fn writer_loop(
     rx: &Receiver<Batch>,
     durable: &mpsc::UnboundedSender<DurableEvent>,
     overlay: &Mutex<Overlay>,
-    index_tx: &Sender<Vec<(u64, Op)>>,
+    nudge: &Sender<()>,
     opts: &WriterOptions,
 ) {
     let mut last_commit: Option<Instant> = None;
@@ -70,9 +70,10 @@ pub(super) fn writer_loop(
         }
         if let Ok(first_lsn) = result {
             if !ops.is_empty() {
-                lock(overlay).add(first_lsn, &ops);
-                let numbered = ops.into_iter().enumerate().map(|(i, op)| (first_lsn + i as u64, op)).collect();
-                let _ = index_tx.send(numbered);
+                let size = lock(overlay).add(first_lsn, &ops);
+                if size >= MAX_UNINDEXED && size - ops.len() < MAX_UNINDEXED {
+                    let _ = nudge.send(());
+                }
             }
         }
         let mut tokens = Vec::new();
@@ -100,56 +101,41 @@ pub(super) fn writer_loop(
     }
 }
 
+/// Every `index_interval` (sooner when nudged: the overlay is large), seal the overlay's newest generation
+/// and apply the sealed ones to redb; returns after a last round once the writer has stopped.
 pub(super) fn indexer_loop(
     db: &Database,
-    rx: &Receiver<Vec<(u64, Op)>>,
+    nudge: &Receiver<()>,
     overlay: &Mutex<Overlay>,
     wal_dir: &std::path::Path,
     opts: &WriterOptions,
 ) {
     // Index maintenance is background work, like compaction in other stores: when the core is busy, socket
-    // work and log commits go first (a nice-0 thread gets ~9x the CPU share of a nice-10 one). Under
-    // sustained overload the indexer falls behind and its batches grow, which makes them cheaper per entry.
+    // work and log commits go first (a nice-0 thread gets ~9x the CPU share of a nice-10 one). It never
+    // holds the overlay lock across work, so the writer never waits behind it. Under sustained overload
+    // the indexer falls behind and its batches grow, which makes them cheaper per entry.
     if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), INDEXER_NICE) {
         tracing::debug!(error = %e, "could not lower the indexer thread's priority");
     }
-    let mut waiting: Vec<(u64, Op)> = Vec::new();
-    let mut due: Option<Instant> = None;
     loop {
-        let msg = match due {
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-        };
-        let closed = match msg {
-            Ok(chunk) => {
-                let d = *due.get_or_insert_with(|| Instant::now() + opts.index_interval);
-                waiting.extend(chunk);
-                if waiting.len() < MAX_UNINDEXED && Instant::now() < d {
-                    continue;
-                }
-                false
-            }
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => true,
-        };
-        due = None;
-        if let Some(&(last, _)) = waiting.last() {
+        let closed = matches!(nudge.recv_timeout(opts.index_interval), Err(RecvTimeoutError::Disconnected));
+        let sealed = lock(overlay).seal();
+        if let Some(last) = sealed.iter().map(|g| g.last_lsn).max() {
             let started = Instant::now();
-            match apply(db, waiting.iter().map(|(_, op)| op), Some(last)) {
+            match apply_generations(db, &sealed) {
                 Ok(()) => {
                     opts.index_seconds.observe(started.elapsed().as_secs_f64());
-                    lock(overlay).remove_indexed(&waiting);
-                    waiting.clear();
+                    let released = lock(overlay).release(sealed.len());
+                    drop(released);
+                    drop(sealed);
                     if let Err(e) = wal::remove_through(wal_dir, last) {
                         tracing::warn!(error = %e, "could not remove indexed log segments; will retry");
                     }
                 }
                 Err(e) => {
-                    // The log still holds everything and reads still see it (overlay): retry later.
-                    tracing::error!(error = %e, waiting = waiting.len(), "store index commit failed; retrying");
-                    if !closed {
-                        due = Some(Instant::now() + opts.index_interval);
-                    }
+                    // The log still holds everything and reads still see it (overlay): retry next round.
+                    let waiting: usize = sealed.iter().map(|g| g.len()).sum();
+                    tracing::error!(error = %e, waiting, "store index commit failed; retrying");
                 }
             }
         }
