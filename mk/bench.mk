@@ -3,7 +3,7 @@
 BENCH_OUT ?= bench/results/latest
 
 .PHONY: bench
-bench: deps ## run the benchmark suite (~5 min): writes $(BENCH_OUT)/report.{json,md} and plot.svg
+bench: deps ## run the benchmark suite (~8 min): writes $(BENCH_OUT)/report.{json,md} and plot.svg
 	$(CARGO) build --release -p kefu-node -p kefu-bench
 	taskset -c 1 ./target/release/kefu-bench suite --node-bin target/release/kefu-node --server-cpus 0 --client-cpus 1 --out $(BENCH_OUT)
 	@echo "report: $(BENCH_OUT)/report.md"

@@ -21,8 +21,24 @@ pub fn source_ip(i: usize) -> Ipv4Addr {
 
 /// Open a WebSocket to `path`, bound to `src`; returns the socket and the handshake time.
 pub async fn connect(addr: SocketAddr, path: &str, src: Ipv4Addr, buffer: usize) -> anyhow::Result<(Ws, Duration)> {
+    connect_with(addr, path, src, buffer, None).await
+}
+
+/// [`connect`] with a kernel receive buffer of `rcvbuf` bytes: a slow consumer on a small buffer stands for
+/// a stalled phone, whose few kilobytes of window fill at once (the default ~128 KiB would hide the stall
+/// from the server for minutes at chat rates).
+pub async fn connect_with(
+    addr: SocketAddr,
+    path: &str,
+    src: Ipv4Addr,
+    buffer: usize,
+    rcvbuf: Option<u32>,
+) -> anyhow::Result<(Ws, Duration)> {
     let start = Instant::now();
     let sock = TcpSocket::new_v4()?;
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n)?;
+    }
     sock.bind(SocketAddr::from((src, 0)))?;
     let stream = sock.connect(addr).await.with_context(|| format!("connect {addr} from {src}"))?;
     stream.set_nodelay(true)?;

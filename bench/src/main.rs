@@ -2,8 +2,9 @@
 //!
 //! `kefu-bench suite` starts the node pinned to one CPU (run this process pinned to another: `make bench`
 //! does both), then runs: hold (idle connections: memory slope, idle CPU), saturate (open-loop chat at
-//! rising rates), echo (the same client against a bare tokio-tungstenite echo server), steady (chat at
-//! half the knee with many connections) and slow consumers. It writes report.json, report.md and plot.svg.
+//! rising rates), echo (the same client against a bare tokio-tungstenite echo server), scale (the rising
+//! rates again with ~9,300 connections, to find the knee there), steady (chat at half that knee) and slow
+//! consumers (the same with 1 % of watchers not reading). It writes report.json, report.md and plot.svg.
 
 mod client;
 mod report;
@@ -31,7 +32,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// The standard suite (about 5 minutes here); writes report.json, report.md, plot.svg under --out.
+    /// The standard suite (about 8 minutes here); writes report.json, report.md, plot.svg under --out.
     Suite(SuiteArgs),
     /// A few connections for a few seconds: proves the tool works (used by `make test`); asserts no loss.
     Smoke(SuiteArgs),
@@ -68,7 +69,7 @@ struct SuiteArgs {
     #[arg(long, default_value_t = 1000)]
     visitors: usize,
     /// Offered message rates for the saturation steps.
-    #[arg(long, value_delimiter = ',', default_value = "1000,2000,4000,8000,12000,16000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,4000,8000,12000,16000,20000,24000")]
     rates: Vec<f64>,
     /// Seconds per step.
     #[arg(long, default_value_t = 10.0)]
@@ -80,7 +81,7 @@ struct SuiteArgs {
     #[arg(long, default_value_t = 4096)]
     ws_buffer: usize,
     /// Phases to run (for tuning one thing at a time); the report covers what ran.
-    #[arg(long, value_delimiter = ',', default_value = "hold,saturate,echo,steady,slow")]
+    #[arg(long, value_delimiter = ',', default_value = "hold,saturate,echo,scale,steady,slow")]
     phases: Vec<Phase>,
 }
 
@@ -89,6 +90,8 @@ enum Phase {
     Hold,
     Saturate,
     Echo,
+    /// Saturation steps with the steady phase's connection count (the knee P4 halves).
+    Scale,
     Steady,
     Slow,
 }
@@ -138,6 +141,7 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
         environment: env,
         hold: None,
         saturate: Vec::new(),
+        saturate_at_scale: Vec::new(),
         echo: Vec::new(),
         steady: None,
         slow_consumers: None,
@@ -195,7 +199,8 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
     }
 
     // 3. echo baseline at the same delivery rates (one delivery per echoed message).
-    for &rate in a.rates.iter().filter(|_| runs(Phase::Echo)) {
+    // (Above ~48k echoes/s the one-core load generator, not the server, is the limit.)
+    for &rate in a.rates.iter().filter(|r| runs(Phase::Echo) && **r * 3.0 <= 48_000.0) {
         let t = Target::echo(&a.server_cpus, a.ws_buffer)?;
         let r = scenario::echo(
             t.addr,
@@ -214,24 +219,42 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
         report.echo.push(r);
     }
 
-    // 4. steady at half the knee with many connections, then the same with 1 % slow consumers.
+    // 4. the knee again with the steady phase's connections (more sockets and conversations cost more per
+    // message), then steady at half of it, then the same with 1 % slow consumers.
     let knee_rate = report.knee().map(|k| k.params.rate).unwrap_or(a.rates[0]);
-    let rate = (knee_rate / 2.0).max(10.0);
-    let steady_phases = [(0.0, Phase::Steady), (0.01, Phase::Slow)];
-    for slow in steady_phases.iter().filter(|(_, p)| runs(*p)).map(|(s, _)| *s) {
+    let steady_params = |rate: f64, slow: f64| {
         let v = a.steady_visitors;
-        let watchers = watchers_for(v).max(100);
-        let p = prepare(&a, "steady", agents_for(v), watchers)?;
-        let params = ChatParams {
+        ChatParams {
             visitors: v,
             agents: agents_for(v),
-            watchers,
+            watchers: watchers_for(v).max(100),
             watchers_per_conv: 2,
             rate,
-            duration_secs: a.step_secs * 2.0,
+            duration_secs: a.step_secs,
             pad,
             slow_fraction: slow,
-        };
+        }
+    };
+    for &rate in a.rates.iter().filter(|r| runs(Phase::Scale) && **r <= knee_rate) {
+        let params = steady_params(rate, 0.0);
+        let p = prepare(&a, "scale", params.agents, params.watchers)?;
+        let r =
+            scenario::chat(p.target.addr, p.target.pid, &p.tokens, params, a.ws_buffer).await.context("scale step")?;
+        eprintln!(
+            "saturate at scale {rate:.0} msgs/s, {} connections: p50 {:.2} p99 {:.2} ms, lost {}, {:.0} deliveries/server-CPU-s",
+            r.connections, r.delivery.p50_ms, r.delivery.p99_ms, r.lost, r.deliveries_per_server_cpu_sec
+        );
+        let stop = r.lost > 0 || r.delivery.p99_ms > 50.0;
+        report.saturate_at_scale.push(r);
+        if stop {
+            break;
+        }
+    }
+    let rate = (report.knee_at_scale().map_or(knee_rate, |k| k.params.rate) / 2.0).max(10.0);
+    let steady_phases = [(0.0, Phase::Steady), (0.01, Phase::Slow)];
+    for slow in steady_phases.iter().filter(|(_, p)| runs(*p)).map(|(s, _)| *s) {
+        let params = ChatParams { duration_secs: a.step_secs * 2.0, ..steady_params(rate, slow) };
+        let p = prepare(&a, "steady", params.agents, params.watchers)?;
         let r = scenario::chat(p.target.addr, p.target.pid, &p.tokens, params, a.ws_buffer).await.context("steady")?;
         eprintln!(
             "steady (slow {:.0} %) {rate:.0} msgs/s, {} connections: p50 {:.2} p99 {:.2} p99.9 {:.2} ms, lost {}",
@@ -249,7 +272,7 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
     eprintln!("report: {}", a.out.join("report.md").display());
     if smoke {
         // The smoke run checks the tool, not the speed: everything sent must arrive exactly once.
-        for r in report.saturate.iter().chain(report.steady.iter()) {
+        for r in report.saturate.iter().chain(&report.saturate_at_scale).chain(report.steady.iter()) {
             if r.sent == 0 || r.lost != 0 || r.duplicated != 0 || r.acked != r.sent {
                 bail!("smoke chat run lost or duplicated messages: {r:?}");
             }

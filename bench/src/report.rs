@@ -14,6 +14,8 @@ pub struct Report {
     pub environment: Environment,
     pub hold: Option<HoldResult>,
     pub saturate: Vec<ChatResult>,
+    /// The same steps with the steady phase's connection count, to find the knee P4 halves.
+    pub saturate_at_scale: Vec<ChatResult>,
     pub echo: Vec<EchoResult>,
     pub steady: Option<ChatResult>,
     pub slow_consumers: Option<ChatResult>,
@@ -31,7 +33,12 @@ impl Report {
 
     /// The saturation knee: the highest step with no loss and p99 under 50 ms.
     pub fn knee(&self) -> Option<&ChatResult> {
-        self.saturate.iter().rfind(|r| r.lost == 0 && r.duplicated == 0 && r.delivery.p99_ms < 50.0)
+        knee_of(&self.saturate)
+    }
+
+    /// The knee with the steady phase's connection count.
+    pub fn knee_at_scale(&self) -> Option<&ChatResult> {
+        knee_of(&self.saturate_at_scale)
     }
 
     /// Same rule for the echo baseline, so the ratio compares like with like.
@@ -130,12 +137,13 @@ impl Report {
             let ok = c.delivery.p50_ms <= 1.0 && c.delivery.p99_ms <= 5.0 && c.delivery.p999_ms <= 20.0;
             let _ = writeln!(
                 s,
-                "| P4 | p50 ≤ 1 ms, p99 ≤ 5 ms, p99.9 ≤ 20 ms at 50 % of saturation | p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms at {:.0} msgs/s with {} connections | {} |",
+                "| P4 | p50 ≤ 1 ms, p99 ≤ 5 ms, p99.9 ≤ 20 ms at 50 % of saturation | p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms at {:.0} msgs/s with {} connections (knee there: {}) | {} |",
                 c.delivery.p50_ms,
                 c.delivery.p99_ms,
                 c.delivery.p999_ms,
                 c.params.rate,
                 c.connections,
+                self.knee_at_scale().map_or("not measured".to_owned(), |k| format!("{:.0} msgs/s", k.params.rate)),
                 verdict(ok)
             );
             let _ = writeln!(
@@ -166,27 +174,14 @@ impl Report {
         }
         let _ = writeln!(s, "| P5 | cross-node delivery | needs cluster mode (not built yet) | not measured |\n");
         let _ = writeln!(s, "## Saturation steps (chat, open loop)\n");
-        let _ = writeln!(
-            s,
-            "| offered msgs/s | deliveries | lost | dup | reordered | p50 ms | p99 ms | p99.9 ms | ack p99 ms | server CPU s | deliveries per server CPU-s | load-gen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
-        );
-        for r in &self.saturate {
+        steps_table(&mut s, &self.saturate);
+        if !self.saturate_at_scale.is_empty() {
             let _ = writeln!(
                 s,
-                "| {:.0} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
-                r.params.rate,
-                r.delivered,
-                r.lost,
-                r.duplicated,
-                r.reordered,
-                r.delivery.p50_ms,
-                r.delivery.p99_ms,
-                r.delivery.p999_ms,
-                r.ack.p99_ms,
-                r.server_cpu_secs,
-                r.deliveries_per_server_cpu_sec,
-                r.client_cpu_percent
+                "\n## Saturation steps with {} connections (the knee P4 takes half of)\n",
+                self.saturate_at_scale[0].connections
             );
+            steps_table(&mut s, &self.saturate_at_scale);
         }
         let _ = writeln!(s, "\n## Echo baseline (bare tokio-tungstenite server, same client)\n");
         let _ = writeln!(
@@ -360,4 +355,34 @@ fn panel(
         y0 + h,
         bottom
     );
+}
+
+/// The saturation knee of a list of steps: the highest with no loss and p99 under 50 ms.
+fn knee_of(steps: &[ChatResult]) -> Option<&ChatResult> {
+    steps.iter().rfind(|r| r.lost == 0 && r.duplicated == 0 && r.delivery.p99_ms < 50.0)
+}
+
+fn steps_table(s: &mut String, steps: &[ChatResult]) {
+    let _ = writeln!(
+        s,
+        "| offered msgs/s | deliveries | lost | dup | reordered | p50 ms | p99 ms | p99.9 ms | ack p99 ms | server CPU s | deliveries per server CPU-s | load-gen CPU % |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in steps {
+        let _ = writeln!(
+            s,
+            "| {:.0} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            r.params.rate,
+            r.delivered,
+            r.lost,
+            r.duplicated,
+            r.reordered,
+            r.delivery.p50_ms,
+            r.delivery.p99_ms,
+            r.delivery.p999_ms,
+            r.ack.p99_ms,
+            r.server_cpu_secs,
+            r.deliveries_per_server_cpu_sec,
+            r.client_cpu_percent
+        );
+    }
 }

@@ -19,6 +19,8 @@ use crate::system;
 
 /// Latency of messages intended in the first seconds of a run is not recorded (see `chat`).
 pub const WARMUP: Duration = Duration::from_secs(2);
+/// Kernel receive buffer of a slow consumer's socket, bytes.
+pub const SLOW_RCVBUF: u32 = 4096;
 
 fn hist() -> Histogram<u64> {
     // Microseconds, 1 µs .. 100 s, 3 significant digits.
@@ -277,9 +279,12 @@ pub async fn chat(
             }
         }
     }
+    // The first `slow_count` watchers will stop reading (see `receive`).
+    let slow_count = (p.watchers as f64 * p.slow_fraction).round() as usize;
     for (w, list) in watched.iter().enumerate() {
         let token = &tokens.watchers[w % tokens.watchers.len()];
-        let (mut ws, _) = client::connect(addr, "/ws/agent", client::source_ip(w), buffer).await?;
+        let rcvbuf = (w < slow_count).then_some(SLOW_RCVBUF);
+        let (mut ws, _) = client::connect_with(addr, "/ws/agent", client::source_ip(w), buffer, rcvbuf).await?;
         client::hello(&mut ws, Some(token)).await?;
         // Watchers supervise; they must not be routed conversations of their own.
         client::send(&mut ws, &json!({"type": "presence", "status": "away"})).await?;
@@ -296,7 +301,6 @@ pub async fn chat(
     // Latency is recorded for messages intended after a warm-up (connection setup settles); loss,
     // duplicates and order are checked for every message.
     let warm_ns = now_ns() + WARMUP.as_nanos() as u64;
-    let slow_count = (p.watchers as f64 * p.slow_fraction).round() as usize;
     let mut receivers = Vec::new();
     for (idx, ws) in agent_ws.into_iter().chain(watcher_ws).enumerate() {
         let stop = stop.clone();

@@ -79,6 +79,10 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Socket read/write buffer of the WebSocket codec, in bytes (small keeps idle connections cheap).
     pub ws_buffer_bytes: usize,
+    /// Kernel send buffer (SO_SNDBUF) of each client socket, bytes; 0 leaves it to the kernel's autotuning
+    /// (on loopback that grows to megabytes). Bounds what a stalled client can pin in kernel memory and how
+    /// soon it is found out as a slow consumer.
+    pub socket_send_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,6 +220,7 @@ impl Default for LimitsConfig {
             replay_limit: 1000,
             max_connections: 19_000,
             ws_buffer_bytes: 4096,
+            socket_send_buffer_bytes: 64 * 1024,
         }
     }
 }
@@ -366,6 +371,12 @@ impl Config {
         }
         if !(512..=1024 * 1024).contains(&l.ws_buffer_bytes) {
             return bad("limits.ws_buffer_bytes", "must be between 512 and 1048576");
+        }
+        if l.socket_send_buffer_bytes != 0 && !(4096..=16 * 1024 * 1024).contains(&l.socket_send_buffer_bytes) {
+            return bad(
+                "limits.socket_send_buffer_bytes",
+                "must be 0 (kernel autotuning) or between 4096 and 16777216",
+            );
         }
         if !self.auth.secret.is_empty() && self.auth.secret.len() < 16 {
             return bad("auth.secret", "must be at least 16 bytes (or empty to generate one)");

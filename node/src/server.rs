@@ -156,10 +156,10 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
 
     let app = router(ctx.clone());
     let mut http_shutdown = shutdown_rx.clone();
+    let send_buffer = cfg.limits.socket_send_buffer_bytes;
     let http_task = tokio::spawn(async move {
-        // Chat frames are small and latency-bound: no Nagle delay on client sockets.
-        let http = axum::serve::ListenerExt::tap_io(http, |tcp: &mut tokio::net::TcpStream| {
-            let _ = tcp.set_nodelay(true);
+        let http = axum::serve::ListenerExt::tap_io(http, move |tcp: &mut tokio::net::TcpStream| {
+            tune_client_socket(tcp, send_buffer);
         });
         let serve = axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
             async move {
@@ -198,6 +198,15 @@ impl RunningNode {
     }
 }
 
+/// Chat frames are small and latency-bound: no Nagle delay; and a bounded kernel send buffer, so a client
+/// that stops reading is found out (and closed as a slow consumer) before it pins megabytes.
+fn tune_client_socket(tcp: &tokio::net::TcpStream, send_buffer: usize) {
+    let _ = tcp.set_nodelay(true);
+    if send_buffer > 0 {
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(tcp, send_buffer);
+    }
+}
+
 async fn tcp_accept_loop(listener: TcpListener, ctx: Arc<NodeContext>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -208,7 +217,7 @@ async fn tcp_accept_loop(listener: TcpListener, ctx: Arc<NodeContext>, mut shutd
                         drop(stream);
                         continue;
                     };
-                    let _ = stream.set_nodelay(true);
+                    tune_client_socket(&stream, ctx.cfg.limits.socket_send_buffer_bytes);
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
                         let max = ctx.cfg.limits.max_frame_bytes;
