@@ -1,32 +1,48 @@
 //! The write-ahead log: every write is appended here and `fdatasync`ed before it is acknowledged; the
 //! redb index is brought up to date from it later, in large batches (see `writer.rs`).
 //!
-//! Files are `<dir>/<first lsn, 20 digits>.wal`, at most [`SEGMENT_BYTES`] each (a record never spans two).
-//! A record is `len: u32 LE | crc32(lsn ‖ body): u32 LE | lsn: u64 LE | body`, `len` counting the body;
-//! every op gets the next lsn. A crash can leave a torn record at the end of the last segment — never one
-//! that was acknowledged, since acks wait for `fdatasync` — and [`Wal::open`] cuts it off. A bad record
-//! anywhere else is corruption and stops start-up with [`Error::Corrupt`].
+//! Files are `<dir>/<first lsn, 20 digits>.wal`. A record is
+//! `len: u32 LE | crc32(lsn ‖ body): u32 LE | lsn: u64 LE | body`, `len` counting the body; every op gets
+//! the next lsn. A crash can leave a torn record at the end of the last segment — never one that was
+//! acknowledged, since acks wait for `fdatasync` — and [`Wal::open`] cuts it off. A bad record anywhere
+//! else is corruption and stops start-up with [`Error::Corrupt`].
+//!
+//! Segments are zero-filled to [`SEGMENT_BYTES`] ahead of use by a background thread, and appends overwrite
+//! the zeros. So an append changes no file metadata and its `fdatasync` flushes only the log's own pages:
+//! on ext4 (data=ordered) an append that grows the file forces a journal commit, which first writes out
+//! every other dirty file's data — here the redb index's large batches — and the ack would wait for that.
+//! A zero header ends a segment's records. From start-up until the first spare is ready (a fraction of a
+//! second after the first append) the log runs on an ordinary growing segment.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use super::Op;
 use crate::error::{Error, Result};
 
-/// A segment is closed and a new one started once it passes this size.
-pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// Size of a preallocated segment; a new one is started when the next append would not fit.
+pub const SEGMENT_BYTES: u64 = 16 << 20;
 const HEADER: usize = 16;
 /// Larger than any op the node writes (frames are capped far below this); a bigger `len` is corruption.
 const MAX_BODY: usize = 16 << 20;
+/// A zero-filled segment, ready to be renamed into place.
+const SPARE: &str = "spare.wal.tmp";
+const SPARE_PARTIAL: &str = "spare.wal.partial";
 
 /// The open log, appended to by the store writer thread only.
 pub struct Wal {
     dir: PathBuf,
     file: File,
+    /// Bytes of records in the open segment.
     segment_bytes: u64,
+    /// The open segment was zero-filled ahead (else it grows with each append).
+    preallocated: bool,
     next_lsn: u64,
     buf: Vec<u8>,
+    /// The thread preparing the next spare segment, if one runs.
+    preparing: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -40,6 +56,7 @@ impl Wal {
     /// tail, and start a fresh segment for new appends.
     pub fn open(dir: &Path, applied: u64) -> Result<(Wal, Vec<(u64, Op)>)> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create WAL dir {}", dir.display()), e))?;
+        let _ = std::fs::remove_file(dir.join(SPARE_PARTIAL));
         let segments = segments(dir)?;
         let mut replay = Vec::new();
         let mut expected: Option<u64> = None;
@@ -62,6 +79,8 @@ impl Wal {
                         next += 1;
                         at += used;
                     }
+                    // The zero-filled rest of a preallocated segment: a clean end.
+                    None if bytes[at..].iter().all(|b| *b == 0) => break,
                     None if last_segment => {
                         tracing::warn!(
                             segment = %path.display(),
@@ -81,7 +100,16 @@ impl Wal {
         }
         let next_lsn = expected.unwrap_or(applied + 1).max(applied + 1);
         let file = create_segment(dir, next_lsn)?;
-        Ok((Wal { dir: dir.to_owned(), file, segment_bytes: 0, next_lsn, buf: Vec::new() }, replay))
+        let mut wal = Wal {
+            dir: dir.to_owned(),
+            file,
+            segment_bytes: 0,
+            preallocated: false,
+            next_lsn,
+            buf: Vec::new(),
+            preparing: None,
+        };
+        Ok((wal, replay))
     }
 
     /// Append `ops` (one record each) and make them durable; returns the lsn of the first.
@@ -90,22 +118,94 @@ impl Wal {
         if ops.is_empty() {
             return Ok(first);
         }
-        if self.segment_bytes >= SEGMENT_BYTES {
-            self.file = create_segment(&self.dir, first)?;
-            self.segment_bytes = 0;
-        }
         self.buf.clear();
         for (i, op) in ops.iter().enumerate() {
             encode_record(&mut self.buf, first + i as u64, op);
         }
+        let len = self.buf.len() as u64;
+        if !self.preallocated && self.preparing.is_none() && !self.dir.join(SPARE).exists() {
+            // First append since start (the CLI opens the store without ever appending): get a spare ready.
+            self.prepare_spare();
+        }
+        let full = self.segment_bytes > 0 && self.segment_bytes + len > SEGMENT_BYTES;
+        if full || (!self.preallocated && self.spare_ready()) {
+            self.rotate(first)?;
+        }
         self.file.write_all(&self.buf).map_err(|e| Error::io("append to the write-ahead log", e))?;
         self.file.sync_data().map_err(|e| Error::io("fdatasync the write-ahead log", e))?;
-        self.segment_bytes += self.buf.len() as u64;
+        self.segment_bytes += len;
         self.next_lsn += ops.len() as u64;
         if self.buf.capacity() > 4 << 20 {
             self.buf = Vec::new();
         }
         Ok(first)
+    }
+
+    /// Whether a zero-filled spare segment is ready (a failed preparation is logged and retried later).
+    fn spare_ready(&mut self) -> bool {
+        if self.preparing.as_ref().is_some_and(|h| !h.is_finished()) {
+            return false;
+        }
+        if let Some(h) = self.preparing.take() {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not preallocate a WAL segment; appends grow files"),
+                Err(_) => tracing::warn!("the WAL segment preallocation thread panicked"),
+            }
+        }
+        self.dir.join(SPARE).exists()
+    }
+
+    /// Start the next segment at lsn `first`: the spare when one is ready, else a growing file.
+    fn rotate(&mut self, first: u64) -> Result<()> {
+        let path = self.dir.join(format!("{first:020}.wal"));
+        if self.spare_ready() {
+            std::fs::rename(self.dir.join(SPARE), &path)
+                .map_err(|e| Error::io(format!("rename the spare WAL segment to {}", path.display()), e))?;
+            sync_dir(&self.dir)?;
+            self.file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io(format!("open WAL segment {}", path.display()), e))?;
+            self.preallocated = true;
+        } else {
+            self.file = create_segment(&self.dir, first)?;
+            self.preallocated = false;
+        }
+        self.segment_bytes = 0;
+        self.prepare_spare();
+        Ok(())
+    }
+
+    /// Zero-fill the next segment on a background thread (unless that is already under way).
+    fn prepare_spare(&mut self) {
+        if self.preparing.is_some() {
+            return;
+        }
+        let dir = self.dir.clone();
+        let spawned = std::thread::Builder::new().name("kefu-wal-prealloc".into()).spawn(move || {
+            let partial = dir.join(SPARE_PARTIAL);
+            let mut f = File::create(&partial)?;
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..SEGMENT_BYTES / zeros.len() as u64 {
+                f.write_all(&zeros)?;
+            }
+            f.sync_all()?;
+            std::fs::rename(&partial, dir.join(SPARE))
+        });
+        match spawned {
+            Ok(h) => self.preparing = Some(h),
+            Err(e) => tracing::warn!(error = %e, "could not start WAL segment preallocation"),
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        // Let a preparation finish rather than leave a half-written spare behind (open removes one anyway).
+        if let Some(h) = self.preparing.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -140,16 +240,23 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// A new, growing segment starting at lsn `first`. A file of that name can only exist without valid records
+/// (the log's next lsn is `first`), e.g. a spare renamed into place just before a crash: start it empty.
 fn create_segment(dir: &Path, first: u64) -> Result<File> {
     let path = dir.join(format!("{first:020}.wal"));
     let file = OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .truncate(true)
         .open(&path)
         .map_err(|e| Error::io(format!("create WAL segment {}", path.display()), e))?;
-    // Make the new name itself durable, or a crash could lose the file with its acknowledged records.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(format!("fsync WAL dir {}", dir.display()), e))?;
+    sync_dir(dir)?;
     Ok(file)
+}
+
+/// Make a new or renamed name durable, or a crash could lose the file with its acknowledged records.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(format!("fsync WAL dir {}", dir.display()), e))
 }
 
 fn truncate(path: &Path, len: u64) -> Result<()> {
@@ -393,5 +500,70 @@ mod tests {
         assert_eq!(segments(dir.path()).unwrap().iter().map(|s| s.0).collect::<Vec<_>>(), vec![7]);
         let (_, replay) = Wal::open(dir.path(), 6).unwrap();
         assert!(replay.is_empty());
+    }
+
+    fn wait_for_spare(wal: &mut Wal) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !wal.spare_ready() {
+            assert!(std::time::Instant::now() < deadline, "spare segment never became ready");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn appends_move_to_a_zero_filled_segment_whose_zero_tail_reads_as_a_clean_end() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = Wal::open(dir.path(), 0).unwrap();
+            wal.append(&[entry("a", 1)]).unwrap();
+            wait_for_spare(&mut wal);
+            wal.append(&[entry("a", 2), entry("a", 3)]).unwrap();
+            assert!(wal.preallocated, "the second append went to the spare");
+            let len = std::fs::metadata(dir.path().join(format!("{:020}.wal", 2))).unwrap().len();
+            assert_eq!(len, SEGMENT_BYTES, "appends overwrite the zeros; the file does not grow");
+        }
+        // Closed preallocated segments (zero tails) and the last one all replay cleanly.
+        let (mut wal, replay) = Wal::open(dir.path(), 0).unwrap();
+        assert_eq!(seqs(&replay), vec![(1, 1), (2, 2), (3, 3)]);
+        wait_for_spare(&mut wal);
+        wal.append(&[entry("a", 4)]).unwrap();
+        drop(wal);
+        let (_, replay) = Wal::open(dir.path(), 0).unwrap();
+        assert_eq!(seqs(&replay).last(), Some(&(4, 4)));
+    }
+
+    #[test]
+    fn a_torn_record_in_a_zero_filled_segment_is_cut_and_a_spare_renamed_without_records_is_reused_safely() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = {
+            let (mut wal, _) = Wal::open(dir.path(), 0).unwrap();
+            wal.append(&[entry("a", 1)]).unwrap();
+            wait_for_spare(&mut wal);
+            wal.append(&[entry("a", 2)]).unwrap();
+            dir.path().join(format!("{:020}.wal", 2))
+        };
+        // A torn third record inside the zeros of the preallocated segment.
+        let mut rec = Vec::new();
+        encode_record(&mut rec, 2, &entry("a", 2));
+        let at = rec.len();
+        let mut torn = Vec::new();
+        encode_record(&mut torn, 3, &entry("a", 3));
+        torn.truncate(torn.len() - 3);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[at..at + torn.len()].copy_from_slice(&torn);
+        std::fs::write(&seg, &bytes).unwrap();
+        let (mut wal, replay) = Wal::open(dir.path(), 0).unwrap();
+        assert_eq!(seqs(&replay), vec![(1, 1), (2, 2)]);
+        // The open segment starts at lsn 3; a crash right after a spare was renamed to that name, before
+        // any record reached it, must not hide later appends behind its zeros.
+        wait_for_spare(&mut wal);
+        drop(wal);
+        std::fs::rename(dir.path().join(SPARE), dir.path().join(format!("{:020}.wal", 3))).unwrap();
+        let (mut wal, replay) = Wal::open(dir.path(), 0).unwrap();
+        assert_eq!(replay.len(), 2);
+        wal.append(&[entry("a", 3)]).unwrap();
+        drop(wal);
+        let (_, replay) = Wal::open(dir.path(), 0).unwrap();
+        assert_eq!(seqs(&replay), vec![(1, 1), (2, 2), (3, 3)]);
     }
 }
