@@ -100,7 +100,7 @@ impl Wal {
         }
         let next_lsn = expected.unwrap_or(applied + 1).max(applied + 1);
         let file = create_segment(dir, next_lsn)?;
-        let mut wal = Wal {
+        let wal = Wal {
             dir: dir.to_owned(),
             file,
             segment_bytes: 0,
