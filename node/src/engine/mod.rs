@@ -77,6 +77,25 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// For logs: what kind of command this is.
+    fn kind(&self) -> &'static str {
+        match self {
+            Command::Connect { .. } => "connect",
+            Command::Frame { .. } => "frame",
+            Command::Disconnect { .. } => "disconnect",
+            Command::InboxDrained { .. } => "inbox_drained",
+            Command::PutAgent { .. } => "put_agent",
+            Command::Agents { .. } => "agents",
+            Command::Stats { .. } => "stats",
+            Command::Shutdown { .. } => "shutdown",
+        }
+    }
+}
+
+/// An engine step longer than this is logged: every connection waits while the engine works.
+const SLOW_STEP: Duration = Duration::from_millis(50);
+
 /// An agent as the REST API shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AgentView {
@@ -350,19 +369,45 @@ impl Engine {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown_reply: Option<oneshot::Sender<()>> = None;
         loop {
-            tokio::select! {
+            enum Event {
+                Durable(DurableEvent),
+                Cmd(Command),
+                Tick,
+            }
+            let event = tokio::select! {
                 biased;
-                Some(ev) = durable_rx.recv() => self.on_durable(ev),
+                Some(ev) = durable_rx.recv() => Event::Durable(ev),
                 cmd = rx.recv() => match cmd {
                     Some(Command::Shutdown { reply }) => {
                         self.begin_shutdown();
                         shutdown_reply = Some(reply);
                         break;
                     }
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => Event::Cmd(cmd),
                     None => break,
                 },
-                _ = tick.tick() => self.on_tick(),
+                _ = tick.tick() => Event::Tick,
+            };
+            let started = Instant::now();
+            let step = match event {
+                Event::Durable(ev) => {
+                    self.on_durable(ev);
+                    "durable"
+                }
+                Event::Cmd(cmd) => {
+                    let kind = cmd.kind();
+                    self.handle(cmd);
+                    kind
+                }
+                Event::Tick => {
+                    self.on_tick();
+                    "tick"
+                }
+            };
+            // Everything waits while the engine works: a long step shows up in everyone's latency.
+            let took = started.elapsed();
+            if took >= SLOW_STEP {
+                tracing::warn!(step, took_ms = took.as_millis() as u64, "slow engine step");
             }
         }
         // Drain: let in-flight batches become durable so their acks go out before sockets close.
