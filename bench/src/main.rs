@@ -143,6 +143,7 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
         saturate: Vec::new(),
         saturate_at_scale: Vec::new(),
         echo: Vec::new(),
+        echo_at_scale: None,
         steady: None,
         slow_consumers: None,
         notes: Vec::new(),
@@ -266,6 +267,19 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
             r.lost
         );
         if slow == 0.0 { report.steady = Some(r) } else { report.slow_consumers = Some(r) }
+    }
+    // 5. the measurement's own floor for P4: the bare echo server with the same client, as many connections
+    // and the steady phase's deliveries per second.
+    if let Some(st) = report.steady.as_ref().filter(|_| runs(Phase::Echo)) {
+        let (conns, rate) = (st.connections, st.params.rate * (1 + st.params.watchers_per_conv) as f64);
+        let t = Target::echo(&a.server_cpus, a.ws_buffer)?;
+        let r =
+            scenario::echo(t.addr, t.pid, conns, rate, Duration::from_secs_f64(a.step_secs), pad, a.ws_buffer).await?;
+        eprintln!(
+            "echo at scale {rate:.0} msgs/s, {conns} connections: p50 {:.2} p99 {:.2} p99.9 {:.2} ms",
+            r.latency.p50_ms, r.latency.p99_ms, r.latency.p999_ms
+        );
+        report.echo_at_scale = Some(r);
     }
 
     report.write(&a.out)?;

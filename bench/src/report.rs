@@ -17,6 +17,9 @@ pub struct Report {
     /// The same steps with the steady phase's connection count, to find the knee P4 halves.
     pub saturate_at_scale: Vec<ChatResult>,
     pub echo: Vec<EchoResult>,
+    /// The bare echo server with the steady phase's connections and deliveries per second: the latency
+    /// floor of this client at that scale.
+    pub echo_at_scale: Option<EchoResult>,
     pub steady: Option<ChatResult>,
     pub slow_consumers: Option<ChatResult>,
     pub notes: Vec<String>,
@@ -146,6 +149,13 @@ impl Report {
                 self.knee_at_scale().map_or("not measured".to_owned(), |k| format!("{:.0} msgs/s", k.params.rate)),
                 verdict(ok)
             );
+            if let Some(e) = &self.echo_at_scale {
+                let _ = writeln!(
+                    s,
+                    "| P4 floor | the same client against a bare echo server, {} connections, {:.0} msgs/s | p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms | (reference) |",
+                    e.connections, e.rate, e.latency.p50_ms, e.latency.p99_ms, e.latency.p999_ms
+                );
+            }
             let _ = writeln!(
                 s,
                 "| P9 | durable ack p99 ≤ 20 ms | ack p99 {:.2} ms at {:.0} msgs/s | {} |",
