@@ -14,3 +14,9 @@ test-bench-smoke: deps ## a tiny kefu-bench run (few connections, seconds) so th
 	./target/debug/kefu-bench smoke --node-bin target/debug/kefu-node --server-cpus "" --out $$(mktemp -d)
 
 EXTRA_TESTS += test-bench-smoke
+
+.PHONY: bench-p2
+bench-p2: deps ## P2 at full size: 19,000 idle connections held 10 min (~12 min); writes bench/results/p2/
+	$(CARGO) build --release -p kefu-node -p kefu-bench
+	taskset -c 1 ./target/release/kefu-bench suite --node-bin target/release/kefu-node --server-cpus 0 --client-cpus 1 --phases hold --hold 19000 --hold-secs 600 --out bench/results/p2
+	@echo "report: bench/results/p2/report.md"

@@ -36,6 +36,18 @@ enum Cmd {
     Suite(SuiteArgs),
     /// A few connections for a few seconds: proves the tool works (used by `make test`); asserts no loss.
     Smoke(SuiteArgs),
+    /// Internal: holds part of the idle connections for `suite` when one process would pass its share.
+    HoldWorker {
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Index of the first connection (picks the source addresses).
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, default_value_t = 4096)]
+        ws_buffer: usize,
+    },
     /// Internal: the bare echo server the echo baseline measures.
     EchoServer {
         #[arg(long)]
@@ -62,6 +74,10 @@ struct SuiteArgs {
     /// Idle connections for the hold phase (one load process holds at most ~19,000).
     #[arg(long, default_value_t = 10_000)]
     hold: usize,
+    /// Most idle connections one load process holds (the open-file limit here is 20,000 per process); more
+    /// are spread over `hold-worker` child processes.
+    #[arg(long, default_value_t = 18_000)]
+    per_process: usize,
     /// Seconds to hold them idle.
     #[arg(long, default_value_t = 30)]
     hold_secs: u64,
@@ -100,6 +116,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     match cli.command {
+        Cmd::HoldWorker { addr, first, connections, ws_buffer } => {
+            rt.block_on(scenario::hold_worker(addr, first, connections, ws_buffer))
+        }
         Cmd::EchoServer { listen, ws_buffer } => rt.block_on(scenario::echo_server(listen, ws_buffer)),
         Cmd::Suite(a) => rt.block_on(suite(a, false)),
         Cmd::Smoke(a) => rt.block_on(suite(a, true)),
@@ -132,7 +151,17 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
         bail!("{} not found: build it first (cargo build --release -p kefu-node)", a.node_bin.display());
     }
     let a = if smoke {
-        SuiteArgs { hold: 20, hold_secs: 1, visitors: 10, rates: vec![50.0], step_secs: 2.0, steady_visitors: 20, ..a }
+        // 20 idle connections, 8 per process: the smoke run also exercises the hold-worker processes.
+        SuiteArgs {
+            hold: 20,
+            hold_secs: 1,
+            per_process: 8,
+            visitors: 10,
+            rates: vec![50.0],
+            step_secs: 2.0,
+            steady_visitors: 20,
+            ..a
+        }
     } else {
         a
     };
@@ -155,8 +184,15 @@ async fn suite(a: SuiteArgs, smoke: bool) -> anyhow::Result<()> {
     if runs(Phase::Hold) {
         eprintln!("hold: {} idle connections for {} s", a.hold, a.hold_secs);
         let p = prepare(&a, "hold", 1, 1)?;
-        let r =
-            scenario::hold(p.target.addr, p.target.pid, a.hold, Duration::from_secs(a.hold_secs), a.ws_buffer).await;
+        let r = scenario::hold(
+            p.target.addr,
+            p.target.pid,
+            a.hold,
+            Duration::from_secs(a.hold_secs),
+            a.ws_buffer,
+            a.per_process,
+        )
+        .await;
         eprintln!(
             "  {:.1} KiB/connection, idle CPU {:.2} %, {} errors",
             r.kib_per_connection, r.idle_cpu_percent, r.errors

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -83,37 +84,33 @@ pub struct HoldResult {
     pub idle_cpu_percent: f64,
 }
 
-/// Open `n` idle visitor connections (hello → welcome), sampling memory on the way, then idle.
-pub async fn hold(addr: SocketAddr, server_pid: u32, n: usize, idle: Duration, buffer: usize) -> HoldResult {
+/// Open `n` idle visitor connections (hello → welcome), sampling memory on the way, then idle. This process
+/// holds at most `per_process` of them (the per-process open-file limit is 20,000 here); the rest are held by
+/// `kefu-bench hold-worker` child processes started one after another.
+pub async fn hold(
+    addr: SocketAddr,
+    server_pid: u32,
+    n: usize,
+    idle: Duration,
+    buffer: usize,
+    per_process: usize,
+) -> HoldResult {
     let mut points =
         vec![HoldPoint { connections: 0, server_rss_kib: system::rss_kib(server_pid), slab_kib: system::slab_kib() }];
+    let own_n = n.min(per_process.max(1));
     let step = (n / 8).max(1);
-    let mut conns: Vec<Ws> = Vec::with_capacity(n);
+    let mut conns: Vec<Ws> = Vec::with_capacity(own_n);
     let mut handshake = hist();
     let mut errors = 0;
     let start = Instant::now();
     let mut i = 0;
-    while i < n {
-        let batch = (n - i).min(200);
-        let mut tasks = Vec::with_capacity(batch);
-        for k in i..i + batch {
-            tasks.push(tokio::spawn(async move {
-                let (mut ws, t) = client::connect(addr, "/ws/visitor", client::source_ip(k), buffer).await?;
-                client::hello(&mut ws, None).await?;
-                Ok::<_, anyhow::Error>((ws, t))
-            }));
-        }
-        for t in tasks {
-            match t.await {
-                Ok(Ok((ws, d))) => {
-                    let _ = handshake.record(d.as_micros().max(1) as u64);
-                    conns.push(ws);
-                }
-                _ => errors += 1,
-            }
-        }
+    while i < own_n {
+        let batch = (own_n - i).min(200);
+        let (ws, e) = connect_idle(addr, i..i + batch, buffer, &mut handshake).await;
+        conns.extend(ws);
+        errors += e;
         i += batch;
-        if i % step < batch || i == n {
+        if i % step < batch || i == own_n {
             tokio::time::sleep(Duration::from_millis(300)).await;
             points.push(HoldPoint {
                 connections: conns.len(),
@@ -122,34 +119,47 @@ pub async fn hold(addr: SocketAddr, server_pid: u32, n: usize, idle: Duration, b
             });
         }
     }
+    let mut workers = Vec::new();
+    let mut by_workers = 0;
+    while i < n {
+        let k = (n - i).min(per_process.max(1));
+        match HoldWorker::start(addr, i, k, buffer).await {
+            Ok((w, connected, e)) => {
+                by_workers += connected;
+                errors += e;
+                workers.push(w);
+            }
+            Err(e) => {
+                eprintln!("  hold worker for connections {i}..{}: {e:#}", i + k);
+                errors += k;
+            }
+        }
+        i += k;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        points.push(HoldPoint {
+            connections: conns.len() + by_workers,
+            server_rss_kib: system::rss_kib(server_pid),
+            slab_kib: system::slab_kib(),
+        });
+    }
     let connect_secs = start.elapsed().as_secs_f64();
     // Idle: the node pings every 25 s; measure what holding costs.
     let cpu0 = system::cpu_seconds(server_pid);
     let t0 = Instant::now();
-    // Keep reading so pongs flow (tungstenite answers pings on read).
     let stop = Arc::new(AtomicBool::new(false));
-    let mut readers = Vec::new();
-    for mut ws in conns {
-        let stop = stop.clone();
-        readers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
-                    Ok(Some(Ok(_))) | Err(_) => {}
-                    _ => break,
-                }
-            }
-            ws
-        }));
-    }
+    let readers = keep_reading(conns, &stop);
     tokio::time::sleep(idle).await;
     let idle_secs = t0.elapsed().as_secs_f64();
     let idle_cpu_percent = 100.0 * (system::cpu_seconds(server_pid) - cpu0) / idle_secs;
     stop.store(true, Ordering::Relaxed);
     let mut held = 0;
     for r in readers {
-        if r.await.is_ok() {
+        if r.await.is_ok_and(|still_open| still_open) {
             held += 1;
         }
+    }
+    for w in workers {
+        held += w.finish().await.unwrap_or(0);
     }
     HoldResult {
         connections: held,
@@ -163,6 +173,121 @@ pub async fn hold(addr: SocketAddr, server_pid: u32, n: usize, idle: Duration, b
         idle_secs,
         idle_cpu_percent,
     }
+}
+
+/// Connect visitors `range` (source addresses by index) concurrently and say hello; returns the sockets and
+/// the number that failed.
+async fn connect_idle(
+    addr: SocketAddr,
+    range: std::ops::Range<usize>,
+    buffer: usize,
+    handshake: &mut Histogram<u64>,
+) -> (Vec<Ws>, usize) {
+    let mut tasks = Vec::with_capacity(range.len());
+    for k in range {
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, t) = client::connect(addr, "/ws/visitor", client::source_ip(k), buffer).await?;
+            client::hello(&mut ws, None).await?;
+            Ok::<_, anyhow::Error>((ws, t))
+        }));
+    }
+    let (mut out, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await {
+            Ok(Ok((ws, d))) => {
+                let _ = handshake.record(d.as_micros().max(1) as u64);
+                out.push(ws);
+            }
+            _ => errors += 1,
+        }
+    }
+    (out, errors)
+}
+
+/// Keep reading every socket (tungstenite answers the node's pings on read) until `stop`; each task returns
+/// whether its connection was still open.
+fn keep_reading(conns: Vec<Ws>, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<bool>> {
+    conns
+        .into_iter()
+        .map(|mut ws| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+                        Ok(Some(Ok(_))) | Err(_) => {}
+                        _ => return false,
+                    }
+                }
+                true
+            })
+        })
+        .collect()
+}
+
+/// A `kefu-bench hold-worker` child process holding part of the idle connections.
+struct HoldWorker {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl HoldWorker {
+    /// Start a worker for connections `first..first + n`; returns once it has connected them, with how many
+    /// it holds and how many failed.
+    async fn start(addr: SocketAddr, first: usize, n: usize, buffer: usize) -> anyhow::Result<(Self, usize, usize)> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["hold-worker", "--addr", &addr.to_string(), "--first", &first.to_string()])
+            .args(["--connections", &n.to_string(), "--ws-buffer", &buffer.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = lines.next_line().await?.context("hold worker exited before connecting")?;
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        let count = |k: &str| v[k].as_u64().unwrap_or(0) as usize;
+        Ok((HoldWorker { child, lines }, count("connected"), count("errors")))
+    }
+
+    /// Tell the worker to stop (close its stdin); returns how many connections it still held.
+    async fn finish(mut self) -> anyhow::Result<usize> {
+        drop(self.child.stdin.take());
+        let line = self.lines.next_line().await?.context("hold worker exited without a count")?;
+        let _ = self.child.wait().await;
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        Ok(v["held"].as_u64().unwrap_or(0) as usize)
+    }
+}
+
+/// The child side of [`HoldWorker`]: connect, report `{"connected", "errors"}` on stdout, keep reading until
+/// stdin closes, report `{"held"}`.
+pub async fn hold_worker(addr: SocketAddr, first: usize, n: usize, buffer: usize) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut handshake = hist();
+    let (mut conns, mut errors) = (Vec::with_capacity(n), 0);
+    let mut i = first;
+    while i < first + n {
+        let batch = (first + n - i).min(200);
+        let (ws, e) = connect_idle(addr, i..i + batch, buffer, &mut handshake).await;
+        conns.extend(ws);
+        errors += e;
+        i += batch;
+    }
+    println!("{}", json!({"connected": conns.len(), "errors": errors}));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = keep_reading(conns, &stop);
+    let mut sink = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut held = 0;
+    for r in readers {
+        if r.await.is_ok_and(|open| open) {
+            held += 1;
+        }
+    }
+    println!("{}", json!({"held": held}));
+    Ok(())
 }
 
 fn slope(points: &[HoldPoint], y: impl Fn(&HoldPoint) -> u64) -> f64 {

@@ -386,39 +386,32 @@ impl Writer {
     }
 }
 
-/// Apply `ops` to the index in one durable redb transaction; `applied` records the last log record they
-/// include.
-fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>, applied: Option<u64>) -> Result<()> {
+/// The index tables, open in one write transaction.
+struct IndexTables<'t> {
+    entries: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    idem: redb::Table<'t, (&'static str, &'static str), u64>,
+    convs: redb::Table<'t, &'static str, &'static [u8]>,
+    agents: redb::Table<'t, &'static str, &'static [u8]>,
+    canned: redb::Table<'t, &'static str, &'static [u8]>,
+}
+
+/// Run `write` in one durable redb transaction; `applied` records the last log record it includes.
+fn write_index(
+    db: &Database,
+    applied: Option<u64>,
+    write: impl FnOnce(&mut IndexTables<'_>) -> Result<()>,
+) -> Result<()> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate);
     {
-        let mut entries = txn.open_table(ENTRIES)?;
-        let mut idem = txn.open_table(IDEM)?;
-        let mut convs = txn.open_table(CONVS)?;
-        let mut agents = txn.open_table(AGENTS)?;
-        let mut canned = txn.open_table(CANNED)?;
-        for op in ops {
-            match op {
-                Op::Entry { conv, seq, json, idem: client_id } => {
-                    entries.insert((conv.as_str(), *seq), json.as_slice())?;
-                    if let Some(c) = client_id {
-                        idem.insert((conv.as_str(), c.as_str()), *seq)?;
-                    }
-                }
-                Op::Conversation { id, json } => {
-                    convs.insert(id.as_str(), json.as_slice())?;
-                }
-                Op::Agent { id, json } => {
-                    agents.insert(id.as_str(), json.as_slice())?;
-                }
-                Op::Canned { id, json } => {
-                    canned.insert(id.as_str(), json.as_slice())?;
-                }
-                Op::DeleteCanned { id } => {
-                    canned.remove(id.as_str())?;
-                }
-            }
-        }
+        let mut t = IndexTables {
+            entries: txn.open_table(ENTRIES)?,
+            idem: txn.open_table(IDEM)?,
+            convs: txn.open_table(CONVS)?,
+            agents: txn.open_table(AGENTS)?,
+            canned: txn.open_table(CANNED)?,
+        };
+        write(&mut t)?;
         if let Some(lsn) = applied {
             txn.open_table(META)?.insert(APPLIED_LSN, lsn)?;
         }
@@ -427,47 +420,56 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>, applied: Option<u
     Ok(())
 }
 
-/// Apply sealed overlay generations (oldest first) to the index in one durable redb transaction, recording
-/// the last log record they include.
+/// Apply `ops` in order (log replay, CLI writes).
+fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>, applied: Option<u64>) -> Result<()> {
+    write_index(db, applied, |t| {
+        for op in ops {
+            match op {
+                Op::Entry { conv, seq, json, idem } => {
+                    t.entries.insert((conv.as_str(), *seq), json.as_slice())?;
+                    if let Some(c) = idem {
+                        t.idem.insert((conv.as_str(), c.as_str()), *seq)?;
+                    }
+                }
+                Op::Conversation { id, json } => t.convs.insert(id.as_str(), json.as_slice()).map(drop)?,
+                Op::Agent { id, json } => t.agents.insert(id.as_str(), json.as_slice()).map(drop)?,
+                Op::Canned { id, json } => t.canned.insert(id.as_str(), json.as_slice()).map(drop)?,
+                Op::DeleteCanned { id } => t.canned.remove(id.as_str()).map(drop)?,
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Apply sealed overlay generations, oldest first (each holds the latest value per key of its interval).
 fn apply_generations(db: &Database, gens: &[Arc<overlay::Generation>]) -> Result<()> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate);
-    {
-        let mut entries = txn.open_table(ENTRIES)?;
-        let mut idem = txn.open_table(IDEM)?;
-        let mut convs = txn.open_table(CONVS)?;
-        let mut agents = txn.open_table(AGENTS)?;
-        let mut canned = txn.open_table(CANNED)?;
+    write_index(db, gens.iter().map(|g| g.last_lsn).max(), |t| {
         for g in gens {
             for (conv, rows) in &g.entries {
                 for (seq, json) in rows {
-                    entries.insert((conv.as_str(), *seq), json.as_slice())?;
+                    t.entries.insert((conv.as_str(), *seq), json.as_slice())?;
                 }
             }
             for (conv, ids) in &g.idem {
                 for (client, seq) in ids {
-                    idem.insert((conv.as_str(), client.as_str()), *seq)?;
+                    t.idem.insert((conv.as_str(), client.as_str()), *seq)?;
                 }
             }
             for (id, json) in &g.convs {
-                convs.insert(id.as_str(), json.as_slice())?;
+                t.convs.insert(id.as_str(), json.as_slice())?;
             }
             for (id, json) in &g.agents {
-                agents.insert(id.as_str(), json.as_slice())?;
+                t.agents.insert(id.as_str(), json.as_slice())?;
             }
             for (id, json) in &g.canned {
                 match json {
-                    Some(j) => canned.insert(id.as_str(), j.as_slice()).map(|_| ())?,
-                    None => canned.remove(id.as_str()).map(|_| ())?,
+                    Some(j) => t.canned.insert(id.as_str(), j.as_slice()).map(drop)?,
+                    None => t.canned.remove(id.as_str()).map(drop)?,
                 }
             }
         }
-        if let Some(last) = gens.iter().map(|g| g.last_lsn).max() {
-            txn.open_table(META)?.insert(APPLIED_LSN, last)?;
-        }
-    }
-    txn.commit()?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// A poisoned lock only means another thread panicked mid-update of plain maps; the data is still usable.
