@@ -67,7 +67,7 @@ impl Report {
         let _ = writeln!(s, "# kefu-node benchmark report\n");
         let _ = writeln!(
             s,
-            "Run {} at git {} — {} ({} CPUs), kernel {}, profile {}; server pinned to CPU {}, load generator to CPU {}; WebSocket buffers {} B; open files limit {}; tcp_rmem {}, tcp_wmem {}.\n",
+            "Run {} at git {} — {} ({} CPUs), kernel {}, profile {}; server pinned to CPU {}, load generator to CPU {}; WebSocket write buffers {} B (node read buffer: its default); open files limit {}; tcp_rmem {}, tcp_wmem {}.\n",
             e.date_utc,
             e.git_sha,
             e.cpu_model,

@@ -77,8 +77,12 @@ pub struct LimitsConfig {
     pub replay_limit: usize,
     /// Connections this node accepts before refusing new ones.
     pub max_connections: usize,
-    /// Socket read/write buffer of the WebSocket codec, in bytes (small keeps idle connections cheap).
+    /// Write buffer of the WebSocket codec, in bytes: queued frames are gathered up to this size per socket
+    /// write. Grows only on connections that receive bursts.
     pub ws_buffer_bytes: usize,
+    /// Read buffer of the WebSocket codec, in bytes. Every connection holds one, idle or not, so small keeps
+    /// idle connections cheap; larger frames are read in several steps.
+    pub ws_read_buffer_bytes: usize,
     /// Kernel send buffer (SO_SNDBUF) of each client socket, bytes; 0 leaves it to the kernel's autotuning
     /// (on loopback that grows to megabytes). Bounds what a stalled client can pin in kernel memory and how
     /// soon it is found out as a slow consumer.
@@ -220,6 +224,7 @@ impl Default for LimitsConfig {
             replay_limit: 1000,
             max_connections: 19_000,
             ws_buffer_bytes: 4096,
+            ws_read_buffer_bytes: 1024,
             socket_send_buffer_bytes: 64 * 1024,
         }
     }
@@ -371,6 +376,9 @@ impl Config {
         }
         if !(512..=1024 * 1024).contains(&l.ws_buffer_bytes) {
             return bad("limits.ws_buffer_bytes", "must be between 512 and 1048576");
+        }
+        if !(256..=1024 * 1024).contains(&l.ws_read_buffer_bytes) {
+            return bad("limits.ws_read_buffer_bytes", "must be between 256 and 1048576");
         }
         if l.socket_send_buffer_bytes != 0 && !(4096..=16 * 1024 * 1024).contains(&l.socket_send_buffer_bytes) {
             return bad(

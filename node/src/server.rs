@@ -291,7 +291,7 @@ fn upgrade(ctx: Arc<NodeContext>, headers: HeaderMap, ws: WebSocketUpgrade, role
     };
     let limits = &ctx.cfg.limits;
     let max = limits.max_frame_bytes;
-    ws.read_buffer_size(limits.ws_buffer_bytes)
+    ws.read_buffer_size(limits.ws_read_buffer_bytes)
         .write_buffer_size(limits.ws_buffer_bytes)
         .max_write_buffer_size(limits.ws_buffer_bytes.max(max) * 64)
         // Frames between the protocol limit and this hard cap get a `frame_too_large` error frame and the
