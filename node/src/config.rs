@@ -208,7 +208,7 @@ impl Default for ServerConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { dir: PathBuf::from("./data"), commit_interval_us: 1000, index_interval_ms: 10_000 }
+        DataConfig { dir: PathBuf::from("./data"), commit_interval_us: 1000, index_interval_ms: 1000 }
     }
 }
 
