@@ -567,25 +567,41 @@ async fn send_loop(
         }
         (h, acks)
     });
-    let mut n: u64 = 0;
-    loop {
-        let intended = start + interval * n as u32;
-        if intended.duration_since(start) >= duration {
-            break;
-        }
-        tokio::time::sleep_until(intended.into()).await;
-        let intended_ns = intended.duration_since(epoch).as_nanos() as u64;
-        let frame = json!({"type": "send", "id": format!("m{n}"), "conv": conv, "text": client::payload(v, n, intended_ns, pad)});
-        if sink.send(Message::Text(frame.to_string().into())).await.is_err() {
-            break;
-        }
-        sent.fetch_add(1, Ordering::Relaxed);
-        n += 1;
-    }
+    let n = send_open_loop(&mut sink, start, interval, duration, epoch, &sent, |n, intended_ns| {
+        json!({"type": "send", "id": format!("m{n}"), "conv": conv, "text": client::payload(v, n, intended_ns, pad)})
+    })
+    .await;
     sender_done.store(true, Ordering::Relaxed);
     let (h, acks) = reader.await.unwrap_or_else(|_| (hist(), 0));
     let _ = sink.close().await;
     (h, acks, n)
+}
+
+/// The open-loop schedule: message `n` is due at `start + n × interval` whether or not earlier ones were
+/// answered (no coordinated omission), and carries that intended time. Returns how many were sent.
+async fn send_open_loop(
+    sink: &mut futures_util::stream::SplitSink<Ws, Message>,
+    start: Instant,
+    interval: Duration,
+    duration: Duration,
+    epoch: Instant,
+    sent: &AtomicU64,
+    frame: impl Fn(u64, u64) -> serde_json::Value,
+) -> u64 {
+    let mut n: u64 = 0;
+    loop {
+        let intended = start + interval * n as u32;
+        if intended.duration_since(start) >= duration {
+            return n;
+        }
+        tokio::time::sleep_until(intended.into()).await;
+        let intended_ns = intended.duration_since(epoch).as_nanos() as u64;
+        if sink.send(Message::Text(frame(n, intended_ns).to_string().into())).await.is_err() {
+            return n;
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+        n += 1;
+    }
 }
 
 fn ack_id(frame: &str) -> Option<u64> {
@@ -705,22 +721,17 @@ pub async fn echo(
                 }
                 (h, n)
             });
-            let mut n = 0u64;
-            loop {
-                let intended = start + interval * n as u32;
-                if intended.duration_since(start) >= duration {
-                    break;
-                }
-                tokio::time::sleep_until(intended.into()).await;
-                let ns = intended.duration_since(epoch).as_nanos() as u64;
-                // Same shape as a kefu `msg` frame so parsing costs the same.
-                let frame = json!({"type": "msg", "conv": "c", "entry": {"text": client::payload(v, n, ns, pad)}});
-                if sink.send(Message::Text(frame.to_string().into())).await.is_err() {
-                    break;
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
-                n += 1;
-            }
+            // Same shape as a kefu `msg` frame so parsing costs the same.
+            send_open_loop(
+                &mut sink,
+                start,
+                interval,
+                duration,
+                epoch,
+                &sent,
+                |n, ns| json!({"type": "msg", "conv": "c", "entry": {"text": client::payload(v, n, ns, pad)}}),
+            )
+            .await;
             reader.await.unwrap_or_else(|_| (hist(), 0))
         }));
     }

@@ -245,12 +245,8 @@ impl Store {
     }
 
     pub fn conversation(&self, id: &str) -> Result<Option<Conversation>> {
-        if let Some(json) = lock(&self.overlay).conversation(id) {
-            return decode("conversations", &json).map(Some);
-        }
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(CONVS)?;
-        table.get(id)?.map(|v| decode("conversations", v.value())).transpose()
+        let newer = lock(&self.overlay).latest(id, |g| &g.convs);
+        self.latest_row(CONVS, "conversations", id, newer)
     }
 
     /// All conversations matching the filter, newest first, at most `limit`.
@@ -260,56 +256,58 @@ impl Store {
         agent: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Conversation>> {
-        let newer = lock(&self.overlay).conversations();
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(CONVS)?;
-        let mut out = Vec::new();
-        let keep = |c: &Conversation| {
-            state.is_none_or(|s| c.state == s) && agent.is_none_or(|a| c.agent.as_deref() == Some(a))
-        };
-        for row in table.iter()? {
-            let (k, v) = row?;
-            if newer.contains_key(k.value()) {
-                continue;
-            }
-            let c: Conversation = decode("conversations", v.value())?;
-            if keep(&c) {
-                out.push(c);
-            }
-        }
-        for json in newer.values() {
-            let c: Conversation = decode("conversations", json)?;
-            if keep(&c) {
-                out.push(c);
-            }
-        }
+        let newer = lock(&self.overlay).all_latest(|g| &g.convs).into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let mut out: Vec<Conversation> = self.all_rows(CONVS, "conversations", newer)?;
+        out.retain(|c| state.is_none_or(|s| c.state == s) && agent.is_none_or(|a| c.agent.as_deref() == Some(a)));
         out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(a.id.cmp(&b.id)));
         out.truncate(limit);
         Ok(out)
     }
 
     pub fn agent(&self, id: &str) -> Result<Option<Agent>> {
-        if let Some(json) = lock(&self.overlay).agent(id) {
-            return decode("agents", &json).map(Some);
-        }
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(AGENTS)?;
-        table.get(id)?.map(|v| decode("agents", v.value())).transpose()
+        let newer = lock(&self.overlay).latest(id, |g| &g.agents);
+        self.latest_row(AGENTS, "agents", id, newer)
     }
 
     pub fn canned(&self) -> Result<Vec<CannedReply>> {
-        let newer = lock(&self.overlay).canned();
+        let newer = lock(&self.overlay).all_latest(|g| &g.canned);
+        self.all_rows(CANNED, "canned_replies", newer)
+    }
+
+    /// Row `id` of `table`: `newer` (the overlay's value, read first) when there is one, else the index's.
+    fn latest_row<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &'static str,
+        id: &str,
+        newer: Option<Vec<u8>>,
+    ) -> Result<Option<T>> {
+        if let Some(json) = newer {
+            return decode(name, &json).map(Some);
+        }
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(CANNED)?;
+        let table = txn.open_table(table)?;
+        table.get(id)?.map(|v| decode(name, v.value())).transpose()
+    }
+
+    /// Every row of `table` with the overlay's newer values laid over it (`None`: deleted since).
+    fn all_rows<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &'static str,
+        newer: HashMap<String, Option<Vec<u8>>>,
+    ) -> Result<Vec<T>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(table)?;
         let mut out = Vec::new();
         for row in table.iter()? {
             let (k, v) = row?;
             if !newer.contains_key(k.value()) {
-                out.push(decode("canned_replies", v.value())?);
+                out.push(decode(name, v.value())?);
             }
         }
         for json in newer.values().flatten() {
-            out.push(decode("canned_replies", json)?);
+            out.push(decode(name, json)?);
         }
         Ok(out)
     }

@@ -127,31 +127,17 @@ impl Overlay {
         self.newest_first().find_map(|g| g.idem.get(conv)?.get(client).copied())
     }
 
-    pub fn conversation(&self, id: &str) -> Option<Vec<u8>> {
-        self.newest_first().find_map(|g| g.convs.get(id).cloned())
+    /// The latest value of `id` in the map `pick` chooses (`convs`, `agents`, `canned`), if written here.
+    pub fn latest<V: Clone>(&self, id: &str, pick: impl Fn(&Generation) -> &HashMap<String, V>) -> Option<V> {
+        self.newest_first().find_map(|g| pick(g).get(id).cloned())
     }
 
-    pub fn agent(&self, id: &str) -> Option<Vec<u8>> {
-        self.newest_first().find_map(|g| g.agents.get(id).cloned())
-    }
-
-    /// Every conversation written here, latest value each.
-    pub fn conversations(&self) -> HashMap<String, Vec<u8>> {
+    /// Every key written here in the map `pick` chooses, latest value each.
+    pub fn all_latest<V: Clone>(&self, pick: impl Fn(&Generation) -> &HashMap<String, V>) -> HashMap<String, V> {
         let mut out = HashMap::new();
         for g in self.newest_first() {
-            for (id, json) in &g.convs {
-                out.entry(id.clone()).or_insert_with(|| json.clone());
-            }
-        }
-        out
-    }
-
-    /// Every canned reply written or deleted here, latest state each.
-    pub fn canned(&self) -> HashMap<String, Option<Vec<u8>>> {
-        let mut out = HashMap::new();
-        for g in self.newest_first() {
-            for (id, json) in &g.canned {
-                out.entry(id.clone()).or_insert_with(|| json.clone());
+            for (id, v) in pick(g) {
+                out.entry(id.clone()).or_insert_with(|| v.clone());
             }
         }
         out
@@ -182,11 +168,11 @@ mod tests {
         let sealed = o.seal();
         assert_eq!(sealed.len(), 1);
         o.add(11, &[Op::Conversation { id: "c".into(), json: b"2".to_vec() }]);
-        assert_eq!(o.conversation("c").as_deref(), Some(&b"2"[..]));
-        assert_eq!(o.conversations().get("c").map(Vec::as_slice), Some(&b"2"[..]));
+        assert_eq!(o.latest("c", |g| &g.convs).as_deref(), Some(&b"2"[..]));
+        assert_eq!(o.all_latest(|g| &g.convs).get("c").map(Vec::as_slice), Some(&b"2"[..]));
         // Releasing the sealed (older) generation keeps the newer value.
         drop(o.release(sealed.len()));
-        assert_eq!(o.conversation("c").as_deref(), Some(&b"2"[..]));
+        assert_eq!(o.latest("c", |g| &g.convs).as_deref(), Some(&b"2"[..]));
         assert_eq!(o.len(), 1);
     }
 
