@@ -149,6 +149,20 @@ impl Report {
                 self.knee_at_scale().map_or("not measured".to_owned(), |k| format!("{:.0} msgs/s", k.params.rate)),
                 verdict(ok)
             );
+            if let Some(st) = &c.server_stages {
+                let fmt = |q: &Option<Vec<f64>>| match q.as_deref() {
+                    Some([p50, p99, p999]) => format!("p50 ≤ {p50} / p99 ≤ {p99} / p99.9 ≤ {p999} ms"),
+                    _ => "not counted".to_owned(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| P4 server | the node's own histograms over the same run (bucket bounds) | read → durable and queued {} (read → engine {}; store → durable seen {}); log group commit {} | (reference) |",
+                    fmt(&st.engine_to_queued_ms),
+                    fmt(&st.engine_queue_ms),
+                    fmt(&st.durable_wait_ms),
+                    fmt(&st.wal_commit_ms)
+                );
+            }
             if let Some(e) = &self.echo_at_scale {
                 let _ = writeln!(
                     s,

@@ -347,10 +347,56 @@ pub struct ChatResult {
     pub client_cpu_percent: f64,
     pub server_rss_kib: u64,
     pub slow_closed: usize,
+    /// The node's own view of the window (from its /metrics), to tell server time from client time.
+    pub server_stages: Option<ServerStages>,
+    /// The slowest delivery of messages intended in each second after the warm-up, ms: shows whether a tail
+    /// is spread out or one stall.
+    pub worst_by_second_ms: Vec<f64>,
+}
+
+/// p50 / p99 / p99.9 of the node's histograms over a run, as bucket upper bounds in ms.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStages {
+    /// `kefu_delivery_latency_seconds`: frame read off its socket → durable and queued to every recipient.
+    pub engine_to_queued_ms: Option<Vec<f64>>,
+    /// `kefu_message_stage_seconds{stage="engine_queue"}`: frame read off its socket → the engine takes it.
+    pub engine_queue_ms: Option<Vec<f64>>,
+    /// `kefu_message_stage_seconds{stage="durable_wait"}`: batch handed to the store → engine sees it durable.
+    pub durable_wait_ms: Option<Vec<f64>>,
+    /// `kefu_store_commit_seconds{store="wal"}`: one group commit (append + fdatasync).
+    pub wal_commit_ms: Option<Vec<f64>>,
+    /// `kefu_engine_step_seconds` by step kind.
+    pub engine_step_ms: Vec<(String, Option<Vec<f64>>)>,
+}
+
+const STAGE_QUANTILES: [f64; 3] = [0.5, 0.99, 0.999];
+
+impl ServerStages {
+    fn between(before: &str, after: &str) -> Self {
+        let q = |name: &str, label: &str| {
+            system::bucket_quantiles(
+                &system::histogram_buckets(before, name, label),
+                &system::histogram_buckets(after, name, label),
+                &STAGE_QUANTILES,
+            )
+        };
+        ServerStages {
+            engine_to_queued_ms: q("kefu_delivery_latency_seconds", ""),
+            engine_queue_ms: q("kefu_message_stage_seconds", "stage=\"engine_queue\""),
+            durable_wait_ms: q("kefu_message_stage_seconds", "stage=\"durable_wait\""),
+            wal_commit_ms: q("kefu_store_commit_seconds", "store=\"wal\""),
+            engine_step_ms: ["frame", "durable", "tick", "connect", "disconnect"]
+                .iter()
+                .map(|k| (k.to_string(), q("kefu_engine_step_seconds", &format!("step=\"{k}\""))))
+                .collect(),
+        }
+    }
 }
 
 struct Receiver {
     hist: Histogram<u64>,
+    /// Slowest delivery (µs) of the messages intended in each second after the warm-up.
+    worst: Vec<u64>,
     delivered: u64,
     dup: u64,
     reorder: u64,
@@ -432,6 +478,8 @@ pub async fn chat(
         let slow = idx >= p.agents && idx - p.agents < slow_count;
         receivers.push(tokio::spawn(receive(ws, stop, slow, now_ns, warm_ns)));
     }
+    eprintln!("chat load starts: {connections} connections, {:.0} msgs/s for {:.0} s", p.rate, p.duration_secs);
+    let metrics0 = system::scrape_metrics(addr).ok();
     let cpu_s0 = system::cpu_seconds(server_pid);
     let cpu_c0 = system::self_cpu_seconds();
     let t0 = Instant::now();
@@ -460,8 +508,13 @@ pub async fn chat(
     let client_cpu = system::self_cpu_seconds() - cpu_c0;
     let server_rss_kib = system::rss_kib(server_pid);
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let server_stages = match (metrics0, system::scrape_metrics(addr)) {
+        (Some(before), Ok(after)) => Some(ServerStages::between(&before, &after)),
+        _ => None,
+    };
     stop.store(true, Ordering::Relaxed);
     let mut delivery = hist();
+    let mut worst: Vec<u64> = Vec::new();
     let (mut delivered, mut dup, mut reorder) = (0, 0, 0);
     let mut healthy_receivers_per_conv = vec![1u64; p.visitors];
     let mut slow_closed = 0;
@@ -478,6 +531,12 @@ pub async fn chat(
             }
         }
         let _ = delivery.add(&rec.hist);
+        if worst.len() < rec.worst.len() {
+            worst.resize(rec.worst.len(), 0);
+        }
+        for (w, r) in worst.iter_mut().zip(&rec.worst) {
+            *w = (*w).max(*r);
+        }
         delivered += rec.delivered;
         dup += rec.dup;
         reorder += rec.reorder;
@@ -503,6 +562,8 @@ pub async fn chat(
         client_cpu_percent: 100.0 * client_cpu / window,
         server_rss_kib,
         slow_closed,
+        server_stages,
+        worst_by_second_ms: worst.iter().map(|us| *us as f64 / 1000.0).collect(),
         params: p,
     })
 }
@@ -621,7 +682,7 @@ async fn receive(
     now_ns: impl Fn() -> u64,
     warm_ns: u64,
 ) -> (Receiver, bool) {
-    let mut r = Receiver { hist: hist(), delivered: 0, dup: 0, reorder: 0, last: HashMap::new() };
+    let mut r = Receiver { hist: hist(), worst: Vec::new(), delivered: 0, dup: 0, reorder: 0, last: HashMap::new() };
     if slow {
         // Stop reading; report whether the node closed us (it should).
         while !stop.load(Ordering::Relaxed) {
@@ -646,7 +707,13 @@ async fn receive(
         let Message::Text(t) = msg else { continue };
         let Some((v, n, intended)) = client::parse_payload(&t) else { continue };
         if intended >= warm_ns {
-            let _ = r.hist.record((now_ns().saturating_sub(intended) / 1000).max(1));
+            let us = (now_ns().saturating_sub(intended) / 1000).max(1);
+            let _ = r.hist.record(us);
+            let sec = ((intended - warm_ns) / 1_000_000_000) as usize;
+            if r.worst.len() <= sec {
+                r.worst.resize(sec + 1, 0);
+            }
+            r.worst[sec] = r.worst[sec].max(us);
         }
         match r.last.get(&v) {
             Some(&last) if n <= last => r.dup += 1,

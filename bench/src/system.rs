@@ -119,3 +119,79 @@ impl Environment {
         }
     }
 }
+
+/// `GET /metrics` from a node (Prometheus text format), over a plain blocking socket: the bench needs one
+/// request per phase, not an HTTP client.
+pub fn scrape_metrics(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let (head, rest) = body.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("no HTTP header end"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("/metrics answered {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(rest.to_owned())
+}
+
+/// Cumulative buckets `(le, count)` of one Prometheus histogram series, picked by metric name and a label
+/// fragment (e.g. `store="wal"`; empty for an unlabelled histogram).
+pub fn histogram_buckets(text: &str, name: &str, label: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let n = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, n))
+        })
+        .collect()
+}
+
+/// Quantiles of what a histogram counted between two scrapes, as bucket upper bounds in milliseconds
+/// (an upper bound: the true value lies in the bucket below it). `None` if nothing was counted.
+pub fn bucket_quantiles(before: &[(f64, u64)], after: &[(f64, u64)], qs: &[f64]) -> Option<Vec<f64>> {
+    let delta: Vec<(f64, u64)> =
+        after.iter().map(|&(le, n)| (le, n - before.iter().find(|b| b.0 == le).map_or(0, |b| b.1).min(n))).collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    Some(
+        qs.iter()
+            .map(|q| {
+                let want = (q * total as f64).ceil() as u64;
+                delta.iter().find(|(_, n)| *n >= want).map_or(f64::INFINITY, |(le, _)| le * 1000.0)
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str =
+        "kefu_x_bucket{le=\"0.001\"} 10\nkefu_x_bucket{le=\"0.005\"} 10\nkefu_x_bucket{le=\"+Inf\"} 10\n";
+    const AFTER: &str =
+        "kefu_x_bucket{le=\"0.001\"} 100\nkefu_x_bucket{le=\"0.005\"} 109\nkefu_x_bucket{le=\"+Inf\"} 110\n";
+
+    #[test]
+    fn quantiles_count_only_what_happened_between_scrapes() {
+        let (b, a) = (histogram_buckets(BEFORE, "kefu_x", ""), histogram_buckets(AFTER, "kefu_x", ""));
+        assert_eq!(a, vec![(0.001, 100), (0.005, 109), (f64::INFINITY, 110)]);
+        // 100 new observations: 90 ≤ 1 ms, 9 ≤ 5 ms, 1 beyond.
+        let q = bucket_quantiles(&b, &a, &[0.5, 0.9, 0.99, 1.0]).unwrap();
+        assert_eq!(q, vec![1.0, 1.0, 5.0, f64::INFINITY]);
+        assert_eq!(bucket_quantiles(&a, &a, &[0.5]), None);
+    }
+
+    #[test]
+    fn labelled_series_are_picked_by_label() {
+        let t = "h_bucket{store=\"index\",le=\"1\"} 3\nh_bucket{store=\"wal\",le=\"1\"} 7\n";
+        assert_eq!(histogram_buckets(t, "h", "store=\"wal\""), vec![(1.0, 7)]);
+    }
+}

@@ -53,8 +53,9 @@ pub struct DataConfig {
     /// Under load, start a group commit (one `fdatasync` of the write-ahead log) at most this often, in
     /// microseconds; an isolated write is committed at once. 0: commit as soon as the previous one ends.
     pub commit_interval_us: u64,
-    /// How long the write-ahead log may run ahead of the redb index, in milliseconds (bounds start-up
-    /// replay; longer batches are cheaper).
+    /// How long the write-ahead log may run ahead of the redb index, in milliseconds: each interval's writes
+    /// are applied to redb during the next one, in parts of about a second (bounds start-up replay to about
+    /// two intervals; longer intervals rewrite fewer B-tree pages per entry).
     pub index_interval_ms: u64,
 }
 
@@ -208,7 +209,7 @@ impl Default for ServerConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { dir: PathBuf::from("./data"), commit_interval_us: 1000, index_interval_ms: 1000 }
+        DataConfig { dir: PathBuf::from("./data"), commit_interval_us: 1000, index_interval_ms: 10_000 }
     }
 }
 

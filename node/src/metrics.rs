@@ -15,6 +15,8 @@ pub struct Metrics {
     pub frames_out: IntCounterVec,
     pub errors: IntCounterVec,
     pub delivery_latency: Histogram,
+    pub message_stage: HistogramVec,
+    pub engine_step: HistogramVec,
     pub queue_wait: Histogram,
     pub first_response: Histogram,
     pub assignments: IntCounterVec,
@@ -45,9 +47,28 @@ impl Metrics {
             delivery_latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "delivery_latency_seconds",
-                    "From a frame reaching the engine to its entry being durable and queued to every recipient",
+                    "From a frame read off its socket to its entry being durable and queued to every recipient",
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .unwrap_or_else(|_| unreachable_metric()),
+            message_stage: HistogramVec::new(
+                HistogramOpts::new(
+                    "message_stage_seconds",
+                    "Where delivery latency goes: stage=\"engine_queue\" a frame read off its socket until the engine \
+                     takes it, stage=\"durable_wait\" a batch handed to the store until the engine sees it durable",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["stage"],
+            )
+            .unwrap_or_else(|_| unreachable_metric()),
+            engine_step: HistogramVec::new(
+                HistogramOpts::new(
+                    "engine_step_seconds",
+                    "Time the engine spent on one step (a command, a durable batch, a tick); every connection waits meanwhile",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["step"],
             )
             .unwrap_or_else(|_| unreachable_metric()),
             queue_wait: Histogram::with_opts(
@@ -98,6 +119,8 @@ impl Metrics {
             Box::new(self.frames_out.clone()),
             Box::new(self.errors.clone()),
             Box::new(self.delivery_latency.clone()),
+            Box::new(self.message_stage.clone()),
+            Box::new(self.engine_step.clone()),
             Box::new(self.queue_wait.clone()),
             Box::new(self.first_response.clone()),
             Box::new(self.assignments.clone()),

@@ -147,7 +147,7 @@ async fn offline_message_is_delivered_on_reconnect() {
 
     // Agents get their offline messages too.
     agent.close_socket().await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    node.wait_agent_offline("alice").await;
     let s4 = third.say(&conv, "thanks").await;
     let mut agent_back = Client::agent(node.http(), &token).await;
     let replay = agent_back.expect_type("replay").await;

@@ -18,7 +18,7 @@ impl Engine {
             self.healthy = false;
             return;
         }
-        self.pending.push_back((token, Pending { effects, at }));
+        self.pending.push_back((token, Pending { effects, at, submitted: Instant::now() }));
     }
 
     pub(super) fn on_durable(&mut self, ev: DurableEvent) {
@@ -34,6 +34,7 @@ impl Engine {
             // Batches become durable in submission order.
             let Some((t, pending)) = self.pending.pop_front() else { break };
             debug_assert_eq!(t, token);
+            self.stage_durable_wait.observe(pending.submitted.elapsed().as_secs_f64());
             for effect in pending.effects {
                 self.release(effect, pending.at);
             }

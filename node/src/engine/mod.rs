@@ -157,7 +157,10 @@ enum Effect {
 #[derive(Debug)]
 struct Pending {
     effects: Vec<Effect>,
+    /// When the first frame behind this batch was read off its socket.
     at: Instant,
+    /// When the batch went to the store.
+    submitted: Instant,
 }
 
 struct ConnState {
@@ -266,6 +269,9 @@ pub struct Engine {
     wait_ema_ms: Option<f64>,
     healthy: bool,
     shutting_down: bool,
+    /// `kefu_message_stage_seconds` series, resolved once.
+    stage_engine_queue: prometheus::Histogram,
+    stage_durable_wait: prometheus::Histogram,
 }
 
 /// Everything the engine needs from the outside.
@@ -288,6 +294,8 @@ impl Engine {
         let writer = parts.writer;
         let snapshot = parts.store.load(RECENT)?;
         let mut engine = Engine {
+            stage_engine_queue: parts.metrics.message_stage.with_label_values(&["engine_queue"]),
+            stage_durable_wait: parts.metrics.message_stage.with_label_values(&["durable_wait"]),
             cfg: parts.cfg,
             metrics: parts.metrics,
             store: parts.store,
@@ -406,6 +414,7 @@ impl Engine {
             };
             // Everything waits while the engine works: a long step shows up in everyone's latency.
             let took = started.elapsed();
+            self.metrics.engine_step.with_label_values(&[step]).observe(took.as_secs_f64());
             if took >= SLOW_STEP {
                 tracing::warn!(step, took_ms = took.as_millis() as u64, "slow engine step");
             }
@@ -644,6 +653,7 @@ impl Engine {
     // ---------------------------------------------------------------- frames
 
     fn on_frame(&mut self, conn: ConnId, frame: ClientFrame, at: Instant) {
+        self.stage_engine_queue.observe(at.elapsed().as_secs_f64());
         let Some(state) = self.conns.get(&conn) else { return };
         let key = state.key.clone();
         let fid = frame.id().map(str::to_owned);

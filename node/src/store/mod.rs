@@ -439,22 +439,66 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>, applied: Option<u
     })
 }
 
-/// Apply sealed overlay generations, oldest first (each holds the latest value per key of its interval).
-fn apply_generations(db: &Database, gens: &[Arc<overlay::Generation>]) -> Result<()> {
-    write_index(db, gens.iter().map(|g| g.last_lsn).max(), |t| {
+/// One part of a paced index round: the writes of conversations with ids in `from..until` (`None`: unbounded)
+/// and, with `others`, agents and canned replies.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct IndexPart {
+    pub from: Option<String>,
+    pub until: Option<String>,
+    pub others: bool,
+}
+
+impl IndexPart {
+    fn holds(&self, conv: &str) -> bool {
+        self.from.as_deref().is_none_or(|f| conv >= f) && self.until.as_deref().is_none_or(|u| conv < u)
+    }
+
+    /// Split the conversations that `gens` wrote into at most `n` parts of about equal count, in id order:
+    /// each part touches one contiguous stretch of every table's B-tree.
+    pub fn split(gens: &[Arc<overlay::Generation>], n: usize) -> Vec<IndexPart> {
+        let ids: std::collections::BTreeSet<&str> = gens
+            .iter()
+            .flat_map(|g| g.entries.keys().chain(g.idem.keys()).chain(g.convs.keys()))
+            .map(String::as_str)
+            .collect();
+        let ids: Vec<&str> = ids.into_iter().collect();
+        let n = n.clamp(1, ids.len().max(1));
+        let bounds: Vec<Option<String>> = (1..n).map(|k| Some(ids[k * ids.len() / n].to_owned())).collect();
+        (0..n)
+            .map(|k| IndexPart {
+                from: if k == 0 { None } else { bounds[k - 1].clone() },
+                until: bounds.get(k).cloned().flatten(),
+                others: k == 0,
+            })
+            .collect()
+    }
+}
+
+/// Apply one part of sealed overlay generations, oldest first (each holds the latest value per key of its
+/// interval); `applied` is recorded with the round's last part only.
+fn apply_generations(
+    db: &Database,
+    gens: &[Arc<overlay::Generation>],
+    part: &IndexPart,
+    applied: Option<u64>,
+) -> Result<()> {
+    write_index(db, applied, |t| {
         for g in gens {
-            for (conv, rows) in &g.entries {
+            for (conv, rows) in g.entries.iter().filter(|(c, _)| part.holds(c)) {
                 for (seq, json) in rows {
                     t.entries.insert((conv.as_str(), *seq), json.as_slice())?;
                 }
             }
-            for (conv, ids) in &g.idem {
+            for (conv, ids) in g.idem.iter().filter(|(c, _)| part.holds(c)) {
                 for (client, seq) in ids {
                     t.idem.insert((conv.as_str(), client.as_str()), *seq)?;
                 }
             }
-            for (id, json) in &g.convs {
+            for (id, json) in g.convs.iter().filter(|(c, _)| part.holds(c)) {
                 t.convs.insert(id.as_str(), json.as_slice())?;
+            }
+            if !part.others {
+                continue;
             }
             for (id, json) in &g.agents {
                 t.agents.insert(id.as_str(), json.as_slice())?;
@@ -612,5 +656,83 @@ mod tests {
         assert_eq!(r.last_seq("b").unwrap(), 52);
         let applied = r.db.begin_read().unwrap().open_table(META).unwrap().get(APPLIED_LSN).unwrap().map(|v| v.value());
         assert_eq!(applied, Some(52), "every record was indexed before the clean stop");
+    }
+
+    #[test]
+    fn index_parts_cover_every_conversation_once_in_id_order() {
+        let mut o = overlay::Overlay::default();
+        let mut all = Vec::new();
+        for c in ["j", "a", "e", "c", "h", "b", "g", "d", "i", "f"] {
+            all.extend(ops(c, 1..=2));
+        }
+        all.push(Op::Conversation { id: "k".into(), json: b"{}".to_vec() });
+        all.push(Op::Agent { id: "x".into(), json: b"{}".to_vec() });
+        o.add(1, &all);
+        let sealed = o.seal();
+        let parts = IndexPart::split(&sealed, 3);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts.iter().filter(|p| p.others).count(), 1, "agents and canned replies go with one part");
+        for c in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "zzz", ""] {
+            assert_eq!(parts.iter().filter(|p| p.holds(c)).count(), 1, "{c} belongs to exactly one part");
+        }
+        let first_of = |c: &str| parts.iter().position(|p| p.holds(c)).unwrap();
+        assert!(first_of("a") <= first_of("e") && first_of("e") <= first_of("k"), "parts follow id order");
+        assert_eq!(first_of("a"), 0);
+        assert_eq!(first_of("k"), 2);
+        // More parts than conversations: one per conversation; nothing written: one unbounded part.
+        assert_eq!(IndexPart::split(&sealed, 100).len(), 11);
+        assert_eq!(IndexPart::split(&[], 5), vec![IndexPart { from: None, until: None, others: true }]);
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_the_parts_of_an_index_round_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let w = s.spawn_writer(tx, opts(Duration::from_secs(3600))).unwrap();
+        for c in ["a", "b", "c", "d"] {
+            w.write(ops(c, 1..=3)).await.unwrap();
+        }
+        let sealed = lock(&s.overlay).seal();
+        let parts = IndexPart::split(&sealed, 2);
+        apply_generations(&s.db, &sealed, &parts[0], None).unwrap();
+        let in_index = |db: &Database, c: &str| {
+            db.begin_read().unwrap().open_table(ENTRIES).unwrap().range((c, 0)..=(c, u64::MAX)).unwrap().count()
+        };
+        assert_eq!([in_index(&s.db, "a"), in_index(&s.db, "b"), in_index(&s.db, "c")], [3, 3, 0], "first part only");
+
+        // A kill -9 now: redb holds half the round and no applied lsn for it; the log replays the whole round.
+        let crashed = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), crashed.path());
+        let r = Store::open(crashed.path()).unwrap();
+        for c in ["a", "b", "c", "d"] {
+            assert_eq!(seqs(r.entries_after(c, 0, 10).unwrap()), vec![1, 2, 3], "conversation {c}");
+            assert_eq!(r.idempotent_seq(c, "m3").unwrap(), Some(3));
+        }
+        drop(r);
+        w.join();
+    }
+
+    #[tokio::test]
+    async fn a_paced_index_round_applies_every_part_and_then_releases_the_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        // 1.5 s: two parts per round, the second ~0.75 s after the first.
+        let w = s.spawn_writer(tx, opts(Duration::from_millis(1500))).unwrap();
+        for c in ["a", "b", "c", "d"] {
+            w.write(ops(c, 1..=3)).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !lock(&s.overlay).is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(lock(&s.overlay).is_empty(), "the round finished");
+        let txn = s.db.begin_read().unwrap();
+        assert_eq!(txn.open_table(ENTRIES).unwrap().iter().unwrap().count(), 12);
+        let applied = txn.open_table(META).unwrap().get(APPLIED_LSN).unwrap().map(|v| v.value());
+        assert_eq!(applied, Some(12));
+        drop(txn);
+        w.join();
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::overlay::Overlay;
 use super::wal::{self, Wal};
-use super::{Batch, Done, DurableEvent, Op, apply_generations, lock};
+use super::{Batch, Done, DurableEvent, IndexPart, Op, apply_generations, lock};
 use crate::error::Error;
 
 /// Timing of the store threads.
@@ -102,7 +102,13 @@ pub(super) fn writer_loop(
 }
 
 /// Every `index_interval` (sooner when nudged: the overlay is large), seal the overlay's newest generation
-/// and apply the sealed ones to redb; returns after a last round once the writer has stopped.
+/// and apply the sealed ones to redb, paced: in parts of about one second each, spread over the next
+/// interval; returns after a last round once the writer has stopped.
+///
+/// Why paced: a redb commit rewrites every B-tree leaf it touches, and entries of many conversations land
+/// on as many leaves. A longer interval gives each conversation several entries per leaf rewrite; parts
+/// (contiguous conversation-id ranges) keep each commit's disk writes small, so the log's `fdatasync`s
+/// never queue behind one large index flush. Measured with 9,270 connections at 6k msgs/s (README).
 pub(super) fn indexer_loop(
     db: &Database,
     nudge: &Receiver<()>,
@@ -117,29 +123,59 @@ pub(super) fn indexer_loop(
     if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), INDEXER_NICE) {
         tracing::debug!(error = %e, "could not lower the indexer thread's priority");
     }
+    let parts = opts.index_interval.as_secs_f64().ceil().max(1.0) as usize;
+    let mut next_round = Instant::now() + opts.index_interval;
+    let mut closed = false;
+    let mut hurry = false;
     loop {
-        let closed = matches!(nudge.recv_timeout(opts.index_interval), Err(RecvTimeoutError::Disconnected));
+        if !closed && !hurry {
+            let wait = next_round.saturating_duration_since(Instant::now());
+            closed = matches!(nudge.recv_timeout(wait), Err(RecvTimeoutError::Disconnected));
+        }
+        hurry = false;
+        let round = Instant::now();
+        next_round = round + opts.index_interval;
         let sealed = lock(overlay).seal();
-        if let Some(last) = sealed.iter().map(|g| g.last_lsn).max() {
+        let Some(last) = sealed.iter().map(|g| g.last_lsn).max() else {
+            if closed {
+                return;
+            }
+            continue;
+        };
+        let split = IndexPart::split(&sealed, if closed { 1 } else { parts });
+        let n = split.len();
+        let mut failed = false;
+        for (k, part) in split.iter().enumerate() {
             let started = Instant::now();
-            match apply_generations(db, &sealed) {
-                Ok(()) => {
-                    opts.index_seconds.observe(started.elapsed().as_secs_f64());
-                    let released = lock(overlay).release(sealed.len());
-                    drop(released);
-                    drop(sealed);
-                    if let Err(e) = wal::remove_through(wal_dir, last) {
-                        tracing::warn!(error = %e, "could not remove indexed log segments; will retry");
-                    }
-                }
-                Err(e) => {
-                    // The log still holds everything and reads still see it (overlay): retry next round.
-                    let waiting: usize = sealed.iter().map(|g| g.len()).sum();
-                    tracing::error!(error = %e, waiting, "store index commit failed; retrying");
+            let applied = (k + 1 == n).then_some(last);
+            if let Err(e) = apply_generations(db, &sealed, part, applied) {
+                // The log still holds everything and reads still see it (overlay): retry next round.
+                let waiting: usize = sealed.iter().map(|g| g.len()).sum();
+                tracing::error!(error = %e, waiting, "store index commit failed; retrying");
+                failed = true;
+                break;
+            }
+            opts.index_seconds.observe(started.elapsed().as_secs_f64());
+            // Spread the parts over the interval; a nudge (the overlay is large) or a stop ends the pacing.
+            if k + 1 < n && !closed && !hurry {
+                let due = round + opts.index_interval.mul_f64((k + 1) as f64 / n as f64);
+                match nudge.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                    Ok(()) => hurry = true,
+                    Err(RecvTimeoutError::Disconnected) => closed = true,
+                    Err(RecvTimeoutError::Timeout) => {}
                 }
             }
         }
-        if closed {
+        if !failed {
+            let released = lock(overlay).release(sealed.len());
+            drop(released);
+            drop(sealed);
+            if let Err(e) = wal::remove_through(wal_dir, last) {
+                tracing::warn!(error = %e, "could not remove indexed log segments; will retry");
+            }
+        }
+        // After a stop, rounds repeat without pause until nothing is left (or the index fails).
+        if closed && failed {
             return;
         }
     }

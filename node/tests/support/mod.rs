@@ -61,6 +61,20 @@ impl TestNode {
         token
     }
 
+    /// Wait (up to 10 s) until the engine has seen every connection of agent `id` go: a closed socket is
+    /// noticed asynchronously, and a test that sends to an offline agent must not race that.
+    pub async fn wait_agent_offline(&self, id: &str) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let agents = self.node.ctx.engine.ask(|reply| Command::Agents { reply }).await.expect("engine");
+            if agents.iter().any(|a| a.id == id && a.status == kefu_node::model::AgentStatus::Offline) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "agent {id} still online 10 s after closing");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn shutdown(self) -> tempfile::TempDir {
         self.node.shutdown().await;
         self.dir
