@@ -26,10 +26,11 @@ pub struct Metrics {
     pub slow_consumers: IntCounter,
     pub store_commit: HistogramVec,
     pub offline_entries: IntCounter,
+    pub unindexed_ops: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 const WAIT_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 
 impl Metrics {
@@ -105,6 +106,12 @@ impl Metrics {
             .unwrap_or_else(|_| unreachable_metric()),
             offline_entries: IntCounter::new("offline_entries_total", "Entries written to the offline inbox")
                 .unwrap_or_else(|_| unreachable_metric()),
+            unindexed_ops: IntGauge::new(
+                "store_unindexed_ops",
+                "Writes durable in the log but not yet in the redb index (held in memory); grows without bound \
+                 only if index commits fail",
+            )
+            .unwrap_or_else(|_| unreachable_metric()),
             registry,
         };
         m.register();
@@ -130,6 +137,7 @@ impl Metrics {
             Box::new(self.slow_consumers.clone()),
             Box::new(self.store_commit.clone()),
             Box::new(self.offline_entries.clone()),
+            Box::new(self.unindexed_ops.clone()),
         ];
         for c in all {
             // Names are unique by construction; a failure here is a programming error caught in tests.

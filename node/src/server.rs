@@ -120,6 +120,7 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
             index_interval: Duration::from_millis(cfg.data.index_interval_ms),
             commit_seconds: metrics.store_commit.with_label_values(&["wal"]),
             index_seconds: metrics.store_commit.with_label_values(&["index"]),
+            unindexed: metrics.unindexed_ops.clone(),
         },
     )?;
     let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();

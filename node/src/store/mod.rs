@@ -573,7 +573,13 @@ mod tests {
 
     fn opts(index_interval: Duration) -> WriterOptions {
         let h = || prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
-        WriterOptions { commit_interval: Duration::ZERO, index_interval, commit_seconds: h(), index_seconds: h() }
+        WriterOptions {
+            commit_interval: Duration::ZERO,
+            index_interval,
+            commit_seconds: h(),
+            index_seconds: h(),
+            unindexed: prometheus::IntGauge::new("u", "u").unwrap(),
+        }
     }
 
     fn seqs(v: Vec<Entry>) -> Vec<u64> {
@@ -719,15 +725,19 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let (tx, _rx) = mpsc::unbounded_channel();
         // 1.5 s: two parts per round, the second ~0.75 s after the first.
-        let w = s.spawn_writer(tx, opts(Duration::from_millis(1500))).unwrap();
+        let o = opts(Duration::from_millis(1500));
+        let unindexed = o.unindexed.clone();
+        let w = s.spawn_writer(tx, o).unwrap();
         for c in ["a", "b", "c", "d"] {
             w.write(ops(c, 1..=3)).await.unwrap();
         }
+        assert_eq!(unindexed.get(), 12, "all logged, none indexed yet");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !lock(&s.overlay).is_empty() && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(lock(&s.overlay).is_empty(), "the round finished");
+        assert_eq!(unindexed.get(), 0);
         let txn = s.db.begin_read().unwrap();
         assert_eq!(txn.open_table(ENTRIES).unwrap().iter().unwrap().count(), 12);
         let applied = txn.open_table(META).unwrap().get(APPLIED_LSN).unwrap().map(|v| v.value());

@@ -32,6 +32,8 @@ pub struct WriterOptions {
     pub commit_seconds: prometheus::Histogram,
     /// Duration of each index batch (redb commit included).
     pub index_seconds: prometheus::Histogram,
+    /// Ops in the overlay (logged, not yet indexed).
+    pub unindexed: prometheus::IntGauge,
 }
 
 /// Most batches in one group commit.
@@ -70,7 +72,11 @@ pub(super) fn writer_loop(
         }
         if let Ok(first_lsn) = result {
             if !ops.is_empty() {
-                let size = lock(overlay).add(first_lsn, &ops);
+                let (size, total) = {
+                    let mut o = lock(overlay);
+                    (o.add(first_lsn, &ops), o.len())
+                };
+                opts.unindexed.set(total as i64);
                 if size >= MAX_UNINDEXED && size - ops.len() < MAX_UNINDEXED {
                     let _ = nudge.send(());
                 }
@@ -167,7 +173,12 @@ pub(super) fn indexer_loop(
             }
         }
         if !failed {
-            let released = lock(overlay).release(sealed.len());
+            let (released, left) = {
+                let mut o = lock(overlay);
+                let released = o.release(sealed.len());
+                (released, o.len())
+            };
+            opts.unindexed.set(left as i64);
             drop(released);
             drop(sealed);
             if let Err(e) = wal::remove_through(wal_dir, last) {
