@@ -1,7 +1,8 @@
 //! The two store threads. The writer appends each group of batches to the write-ahead log with one
 //! `fdatasync`, makes it visible in the overlay and reports it durable, in submission order. The indexer
-//! applies what the log holds to redb in large batches (one redb commit per `index_interval`), then drops
-//! those writes from the overlay and deletes log segments redb now covers.
+//! applies what the log held at the end of each `index_interval` to redb during the next one (one redb
+//! commit per ~1 s part, see [`indexer_loop`]), then drops those writes from the overlay and deletes log
+//! segments redb now covers.
 //!
 //! Why two: a redb commit copies every B-tree page it touches, and chat entries of many conversations
 //! land on as many different leaves, so committing each small group cost more than all the socket work of
