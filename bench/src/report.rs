@@ -157,7 +157,7 @@ impl Report {
                 let _ = writeln!(
                     s,
                     "| P4 server | the node's own histograms over the same run (bucket bounds) | read → durable and queued {} (read → engine {}; store → durable seen {}); log group commit {} | (reference) |",
-                    fmt(&st.engine_to_queued_ms),
+                    fmt(&st.read_to_queued_ms),
                     fmt(&st.engine_queue_ms),
                     fmt(&st.durable_wait_ms),
                     fmt(&st.wal_commit_ms)

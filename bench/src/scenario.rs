@@ -358,7 +358,7 @@ pub struct ChatResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerStages {
     /// `kefu_delivery_latency_seconds`: frame read off its socket → durable and queued to every recipient.
-    pub engine_to_queued_ms: Option<Vec<f64>>,
+    pub read_to_queued_ms: Option<Vec<f64>>,
     /// `kefu_message_stage_seconds{stage="engine_queue"}`: frame read off its socket → the engine takes it.
     pub engine_queue_ms: Option<Vec<f64>>,
     /// `kefu_message_stage_seconds{stage="durable_wait"}`: batch handed to the store → engine sees it durable.
@@ -381,7 +381,7 @@ impl ServerStages {
             )
         };
         ServerStages {
-            engine_to_queued_ms: q("kefu_delivery_latency_seconds", ""),
+            read_to_queued_ms: q("kefu_delivery_latency_seconds", ""),
             engine_queue_ms: q("kefu_message_stage_seconds", "stage=\"engine_queue\""),
             durable_wait_ms: q("kefu_message_stage_seconds", "stage=\"durable_wait\""),
             wal_commit_ms: q("kefu_store_commit_seconds", "store=\"wal\""),
