@@ -347,8 +347,11 @@ pub struct ChatResult {
     pub client_cpu_percent: f64,
     pub server_rss_kib: u64,
     pub slow_closed: usize,
-    /// The node's own view of the window (from its /metrics), to tell server time from client time.
+    /// The node's own view of the window the client's latency covers (from its /metrics, after the warm-up),
+    /// to tell server time from client time.
     pub server_stages: Option<ServerStages>,
+    /// The same for the warm-up (the first messages of every connection; not in the client's latency).
+    pub server_stages_warmup: Option<ServerStages>,
     /// The slowest delivery of messages intended in each second after the warm-up, ms: shows whether a tail
     /// is spread out or one stall.
     pub worst_by_second_ms: Vec<f64>,
@@ -479,7 +482,14 @@ pub async fn chat(
         receivers.push(tokio::spawn(receive(ws, stop, slow, now_ns, warm_ns)));
     }
     eprintln!("chat load starts: {connections} connections, {:.0} msgs/s for {:.0} s", p.rate, p.duration_secs);
-    let metrics0 = system::scrape_metrics(addr).ok();
+    // The node's histograms are read at load start, at the end of the warm-up and at the end: the second
+    // window is the one the client's latency covers.
+    let metrics_start = system::scrape_metrics(addr).ok();
+    let warm_at = epoch + Duration::from_nanos(warm_ns);
+    let metrics_warm = tokio::spawn(async move {
+        tokio::time::sleep_until(warm_at.into()).await;
+        tokio::task::spawn_blocking(move || system::scrape_metrics(addr).ok()).await.ok().flatten()
+    });
     let cpu_s0 = system::cpu_seconds(server_pid);
     let cpu_c0 = system::self_cpu_seconds();
     let t0 = Instant::now();
@@ -508,10 +518,14 @@ pub async fn chat(
     let client_cpu = system::self_cpu_seconds() - cpu_c0;
     let server_rss_kib = system::rss_kib(server_pid);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let server_stages = match (metrics0, system::scrape_metrics(addr)) {
-        (Some(before), Ok(after)) => Some(ServerStages::between(&before, &after)),
+    let metrics_warm = metrics_warm.await.ok().flatten();
+    let metrics_end = system::scrape_metrics(addr).ok();
+    let stages = |a: &Option<String>, b: &Option<String>| match (a, b) {
+        (Some(a), Some(b)) => Some(ServerStages::between(a, b)),
         _ => None,
     };
+    let server_stages = stages(&metrics_warm, &metrics_end);
+    let server_stages_warmup = stages(&metrics_start, &metrics_warm);
     stop.store(true, Ordering::Relaxed);
     let mut delivery = hist();
     let mut worst: Vec<u64> = Vec::new();
@@ -563,6 +577,7 @@ pub async fn chat(
         server_rss_kib,
         slow_closed,
         server_stages,
+        server_stages_warmup,
         worst_by_second_ms: worst.iter().map(|us| *us as f64 / 1000.0).collect(),
         params: p,
     })
