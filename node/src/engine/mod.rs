@@ -272,6 +272,8 @@ pub struct Engine {
     /// `kefu_message_stage_seconds` series, resolved once.
     stage_engine_queue: prometheus::Histogram,
     stage_durable_wait: prometheus::Histogram,
+    /// `kefu_engine_step_seconds` series by step kind, resolved on first use (a lookup per step otherwise).
+    step_timers: Vec<(&'static str, prometheus::Histogram)>,
 }
 
 /// Everything the engine needs from the outside.
@@ -296,6 +298,7 @@ impl Engine {
         let mut engine = Engine {
             stage_engine_queue: parts.metrics.message_stage.with_label_values(&["engine_queue"]),
             stage_durable_wait: parts.metrics.message_stage.with_label_values(&["durable_wait"]),
+            step_timers: Vec::new(),
             cfg: parts.cfg,
             metrics: parts.metrics,
             store: parts.store,
@@ -414,7 +417,7 @@ impl Engine {
             };
             // Everything waits while the engine works: a long step shows up in everyone's latency.
             let took = started.elapsed();
-            self.metrics.engine_step.with_label_values(&[step]).observe(took.as_secs_f64());
+            self.step_timer(step).observe(took.as_secs_f64());
             if took >= SLOW_STEP {
                 tracing::warn!(step, took_ms = took.as_millis() as u64, "slow engine step");
             }
@@ -436,6 +439,17 @@ impl Engine {
         if let Some(r) = shutdown_reply {
             let _ = r.send(());
         }
+    }
+
+    fn step_timer(&mut self, step: &'static str) -> &prometheus::Histogram {
+        let i = match self.step_timers.iter().position(|(k, _)| *k == step) {
+            Some(i) => i,
+            None => {
+                self.step_timers.push((step, self.metrics.engine_step.with_label_values(&[step])));
+                self.step_timers.len() - 1
+            }
+        };
+        &self.step_timers[i].1
     }
 
     fn begin_shutdown(&mut self) {

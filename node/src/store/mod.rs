@@ -142,11 +142,14 @@ impl Store {
         // Only the process holding the redb lock gets here, so the log has one writer.
         let wal_dir = dir.join("wal");
         let (wal, replay) = Wal::open(&wal_dir, applied)?;
-        if let Some(&(last, _)) = replay.last() {
-            apply(&db, replay.iter().map(|(_, op)| op), Some(last))?;
-            tracing::info!(records = replay.len(), through_lsn = last, "replayed the write-ahead log into the index");
+        let through = replay.last().map_or(applied, |r| r.0);
+        if let Some(&(first, _)) = replay.first() {
+            let records = replay.len();
+            let ops: Vec<Op> = replay.into_iter().map(|(_, op)| op).collect();
+            apply(&db, first, &ops, Some(through))?;
+            tracing::info!(records, through_lsn = through, "replayed the write-ahead log into the index");
         }
-        wal::remove_through(&wal_dir, replay.last().map_or(applied, |r| r.0))?;
+        wal::remove_through(&wal_dir, through)?;
         Ok(Store { db: Arc::new(db), overlay: Arc::default(), wal_dir, wal: Arc::new(Mutex::new(Some(wal))) })
     }
 
@@ -317,7 +320,7 @@ impl Store {
         if lock(&self.wal).is_none() {
             return Err(Error::Store("write_now after the store writer started: submit to the Writer".into()));
         }
-        apply(&self.db, ops.iter(), None)
+        apply(&self.db, 0, &ops, None)
     }
 
     /// Start the writer and indexer threads; durable tokens are reported on `durable`. Only one writer may
@@ -418,25 +421,16 @@ fn write_index(
     Ok(())
 }
 
-/// Apply `ops` in order (log replay, CLI writes).
-fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a Op>, applied: Option<u64>) -> Result<()> {
-    write_index(db, applied, |t| {
-        for op in ops {
-            match op {
-                Op::Entry { conv, seq, json, idem } => {
-                    t.entries.insert((conv.as_str(), *seq), json.as_slice())?;
-                    if let Some(c) = idem {
-                        t.idem.insert((conv.as_str(), c.as_str()), *seq)?;
-                    }
-                }
-                Op::Conversation { id, json } => t.convs.insert(id.as_str(), json.as_slice()).map(drop)?,
-                Op::Agent { id, json } => t.agents.insert(id.as_str(), json.as_slice()).map(drop)?,
-                Op::Canned { id, json } => t.canned.insert(id.as_str(), json.as_slice()).map(drop)?,
-                Op::DeleteCanned { id } => t.canned.remove(id.as_str()).map(drop)?,
-            }
-        }
-        Ok(())
-    })
+/// Apply `ops` (the first has lsn `first`) in one transaction — log replay and CLI writes — through the
+/// indexer's own path: one generation (the latest value per key, which is what applying them in order leaves),
+/// all of it in one part.
+fn apply(db: &Database, first: u64, ops: &[Op], applied: Option<u64>) -> Result<()> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let mut o = Overlay::default();
+    o.add(first, ops);
+    apply_generations(db, &o.seal(), &IndexPart::EVERYTHING, applied)
 }
 
 /// One part of a paced index round: the writes of conversations with ids in `from..until` (`None`: unbounded)
@@ -449,6 +443,9 @@ pub(crate) struct IndexPart {
 }
 
 impl IndexPart {
+    /// Every conversation, agents and canned replies: a round in one part.
+    const EVERYTHING: IndexPart = IndexPart { from: None, until: None, others: true };
+
     fn holds(&self, conv: &str) -> bool {
         self.from.as_deref().is_none_or(|f| conv >= f) && self.until.as_deref().is_none_or(|u| conv < u)
     }
