@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::context::NodeContext;
 use crate::engine::Command;
-use crate::model::{Agent, CannedReply, ConvState, new_id};
+use crate::model::{Agent, CannedReply, ConvState, Conversation, new_id};
 use crate::protocol::ErrorCode;
 use crate::store::{Op, encode};
 use crate::token::now_secs;
@@ -128,22 +128,23 @@ async fn list_conversations(
     Ok(Json(serde_json::json!({ "conversations": convs })).into_response())
 }
 
+/// The conversation `id` as `who` may see it: agents see every conversation, a visitor only their own. A
+/// visitor asking for someone else's gets the same 404 as for a missing one, so ids cannot be probed.
+fn visible_conversation(ctx: &NodeContext, who: &Caller, id: &str) -> ApiResult<Conversation> {
+    let not_found = || err(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such conversation");
+    let conv = ctx.store.conversation(id).map_err(internal)?.ok_or_else(not_found)?;
+    match who {
+        Caller::Visitor(v) if &conv.visitor != v => Err(not_found()),
+        _ => Ok(conv),
+    }
+}
+
 async fn get_conversation(
     State(ctx): State<Arc<NodeContext>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let who = caller(&ctx, &headers)?;
-    let conv = ctx
-        .store
-        .conversation(&id)
-        .map_err(internal)?
-        .ok_or_else(|| err(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such conversation"))?;
-    if let Caller::Visitor(v) = &who {
-        if &conv.visitor != v {
-            return Err(err(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such conversation"));
-        }
-    }
+    let conv = visible_conversation(&ctx, &caller(&ctx, &headers)?, &id)?;
     let last_seq = ctx.store.last_seq(&id).map_err(internal)?;
     let mut value = serde_json::to_value(&conv).map_err(internal)?;
     value["last_seq"] = last_seq.into();
@@ -164,17 +165,7 @@ async fn list_entries(
     Path(id): Path<String>,
     Query(q): Query<EntriesQuery>,
 ) -> ApiResult<Response> {
-    let who = caller(&ctx, &headers)?;
-    let conv = ctx
-        .store
-        .conversation(&id)
-        .map_err(internal)?
-        .ok_or_else(|| err(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such conversation"))?;
-    if let Caller::Visitor(v) = &who {
-        if &conv.visitor != v {
-            return Err(err(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such conversation"));
-        }
-    }
+    visible_conversation(&ctx, &caller(&ctx, &headers)?, &id)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let entries = match (q.after, q.before) {
         (Some(_), Some(_)) => {
