@@ -101,6 +101,37 @@ async fn reconnect_with_last_seq_replays_without_gap_or_duplicate() {
 }
 
 #[tokio::test]
+async fn entries_written_to_a_vanished_connection_are_replayed_from_the_cursor() {
+    // A peer that vanished without closing (laptop lid shut, network gone) still looks connected until the
+    // idle timeout: what is sent meanwhile goes to that dead connection, not to the offline inbox. The
+    // resume cursor of the next connection is what brings those entries back, exactly once and in order.
+    let node = TestNode::start().await;
+    let (mut visitor, mut agent, conv, _) = chat(&node).await;
+    let first = agent.say(&conv, "first").await;
+    assert_eq!(visitor.messages(&conv, 1).await, vec![(first, "first".to_owned())]);
+    let vt = visitor.token().unwrap();
+    // `visitor` is kept open and never read again: the node still counts it as live.
+    let mut sent = Vec::new();
+    for text in ["are you there?", "I can see the order", "refund issued"] {
+        sent.push((agent.say(&conv, text).await, text.to_owned()));
+    }
+    let mut back =
+        Client::visitor(node.http(), json!({"token": vt, "resume": [{"conv": conv, "last_seq": first}]})).await;
+    let replay = back.expect_type("replay").await;
+    let got: Vec<(u64, String)> = replay["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["seq"].as_u64().unwrap(), e["text"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    assert_eq!(got, sent, "every entry after the cursor, once, in order");
+    let live = agent.say(&conv, "anything else?").await;
+    assert_eq!(back.messages(&conv, 1).await, vec![(live, "anything else?".to_owned())]);
+    drop(visitor);
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn gap_larger_than_replay_limit_gets_reload_not_silence() {
     let node = TestNode::start_with(|c| {
         c.limits.replay_limit = 3;
