@@ -22,6 +22,10 @@ help: ## list the targets
 deps: ## install the toolchain pieces the build and tests need (fresh Debian machine)
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
 	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+	@# A clean `make test` needs ~1.5 GB for target/ plus the browser and tools; a full disk otherwise shows up
+	@# as a linker "Bus error" minutes into the build.
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); if [ "$${free_kb:-0}" -lt 3145728 ]; then \
+	  echo "warning: only $$((free_kb / 1024)) MiB free here; building and testing Kefu needs about 3 GiB" >&2; fi
 
 .PHONY: build
 build: deps ## build every crate (debug)
