@@ -77,6 +77,10 @@ impl InboxStore for LocalDirInbox {
                 .await
                 .map_err(|e| Error::io(format!("open inbox {}", path.display()), e))?;
             f.write_all(&buf).await.map_err(|e| Error::io("write inbox", e))?;
+            // A tokio File hands writes to a blocking thread: `write_all` can return before the bytes reach
+            // the file, and a `take` that runs meanwhile would read and delete the file without them (the
+            // write then lands in the unlinked file: lost). `flush` waits for the write to complete.
+            f.flush().await.map_err(|e| Error::io("write inbox", e))?;
             Ok(())
         })
     }
@@ -130,5 +134,31 @@ pub async fn run_inbox(
                 drained(conn, items);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Body, Entry, Participant};
+
+    fn entry(seq: u64) -> Entry {
+        let body = Body::Message { text: format!("m{seq}") };
+        Entry { seq, id: format!("m-{seq}"), from: Participant::agent("alice", "Alice"), hlc: seq << 16, ts: seq, body }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn take_right_after_put_returns_what_was_put() {
+        // The inbox task runs a put and then, for the reconnecting recipient, a take: the take must see the
+        // put's bytes even though file I/O runs on tokio's blocking threads.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inbox = LocalDirInbox::new(dir.path()).expect("inbox");
+        for round in 0..300u64 {
+            let items = vec![("c_1".to_owned(), entry(round * 2 + 1)), ("c_2".to_owned(), entry(round * 2 + 2))];
+            inbox.put("agent:alice", &items).await.expect("put");
+            let got = inbox.take("agent:alice").await.expect("take");
+            assert_eq!(got, items, "round {round}: the take saw the put");
+        }
+        assert!(inbox.take("agent:alice").await.expect("take").is_empty(), "a take empties the inbox");
     }
 }
