@@ -40,6 +40,7 @@ pub struct RunningNode {
     shutdown_tx: watch::Sender<bool>,
     http_task: tokio::task::JoinHandle<()>,
     engine_task: tokio::task::JoinHandle<()>,
+    inbox_task: tokio::task::JoinHandle<()>,
 }
 
 /// The token signing secret: configured, or generated once and kept in the data dir (mode 0600).
@@ -136,7 +137,7 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
     })?;
     let inbox_store = LocalDirInbox::new(&cfg.data.dir.join("inbox"))?;
     let drained_engine = engine.clone();
-    tokio::spawn(run_inbox(Box::new(inbox_store), inbox_rx, move |conn, items| {
+    let inbox_task = tokio::spawn(run_inbox(Box::new(inbox_store), inbox_rx, move |conn, items| {
         let e = drained_engine.clone();
         tokio::spawn(async move {
             let _ = e.send(Command::InboxDrained { conn, items }).await;
@@ -172,7 +173,7 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
         }
     });
     tracing::info!(%http_addr, tcp_addr = ?tcp_addr, node = %cfg.node_id, data_dir = %cfg.data.dir.display(), "kefu-node listening");
-    Ok(RunningNode { http_addr, tcp_addr, demo_token, ctx, shutdown_tx, http_task, engine_task })
+    Ok(RunningNode { http_addr, tcp_addr, demo_token, ctx, shutdown_tx, http_task, engine_task, inbox_task })
 }
 
 impl RunningNode {
@@ -195,6 +196,8 @@ impl RunningNode {
         let _ = self.ctx.writer.flush().await;
         let _ = tokio::time::timeout(grace, self.http_task).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.engine_task).await;
+        // The engine held the inbox's only sender: the inbox task now writes what is still queued and ends.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inbox_task).await;
         tracing::info!("shutdown complete");
     }
 }

@@ -29,11 +29,25 @@ impl TestNode {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestNode {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), tweak).await
+    }
+
+    /// Start on an existing data directory (a restart: same secret, so tokens stay valid).
+    /// In-process, the previous node's store is released only when its last task lets go of it (a real
+    /// restart is a new process), so a `StoreLocked` start is retried for a while.
+    pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestNode {
         let mut cfg = Config::for_test(dir.path());
         tweak(&mut cfg);
-        let node = kefu_node::start(cfg).await.expect("node starts");
-        TestNode { node, dir }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match kefu_node::start(cfg.clone()).await {
+                Ok(node) => return TestNode { node, dir },
+                Err(kefu_node::Error::StoreLocked(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("node starts: {e}"),
+            }
+        }
     }
 
     pub fn http(&self) -> SocketAddr {
