@@ -1,11 +1,13 @@
 //! Randomised churn from the recipients' side: visitors and an agent talk in several conversations while
 //! their sockets close, vanish without closing, come back with or without resume cursors, and the node
-//! restarts. Whatever the interleaving, every participant must have been shown each entry after its starting
-//! point exactly once and in `seq` order, and every acked message must be in the log once.
+//! restarts; some sockets vanish mid-send and the message is re-sent with the same id on return. Whatever the
+//! interleaving, every participant must have been shown each entry after its starting point exactly once and
+//! in `seq` order, and every acked message must be in the log once, at the seq its ack named.
 //!
-//! The run is driven by one task with a seeded RNG: a failure prints the seed (`KEFU_CHURN_SEED=<n>` replays
-//! it). Frames are read in the order the node sent them; a sender's own message counts as shown when its
-//! ack arrives, as the widget and the console render it.
+//! The run is driven by one task with a seeded RNG: a failure prints the seed, and `KEFU_CHURN_SEED=<n>`
+//! replays its choices (timing still varies). Frames are read in the order the node sent them; a sender's own
+//! message counts as shown when its ack arrives, as the widget and the console render it, and like them a
+//! client matches the echo of its own retried message by id.
 
 #![allow(clippy::unwrap_used)]
 
@@ -43,6 +45,11 @@ struct Party {
     /// Connections opened without cursors, and entries their inbox replays carried (coverage, printed).
     fresh_connects: usize,
     inbox_entries: usize,
+    /// A message sent on a connection that vanished before its ack: re-sent with the same id on return.
+    unacked: Option<(String, String)>,
+    /// Client id → (conversation, seq) of every message this party had acked.
+    acked: BTreeMap<String, (String, u64)>,
+    retries: usize,
     /// Per conversation: the seq it started from, and every seq shown since, in arrival order.
     base: BTreeMap<String, u64>,
     shown: BTreeMap<String, Vec<u64>>,
@@ -59,6 +66,9 @@ impl Party {
             fresh: false,
             fresh_connects: 0,
             inbox_entries: 0,
+            unacked: None,
+            acked: BTreeMap::new(),
+            retries: 0,
             base: BTreeMap::new(),
             shown: BTreeMap::new(),
         }
@@ -72,8 +82,14 @@ impl Party {
         match v["type"].as_str() {
             Some("msg") => {
                 let conv = v["conv"].as_str().unwrap();
+                let seq = v["entry"]["seq"].as_u64().unwrap();
+                // A retried message of ours, already shown from its ack: the client matches it by id.
+                let own = v["entry"]["id"].as_str().is_some_and(|id| self.acked.contains_key(id));
+                if own && seq <= self.cursor(conv) {
+                    return;
+                }
                 if let Some(s) = self.shown.get_mut(conv) {
-                    s.push(v["entry"]["seq"].as_u64().unwrap());
+                    s.push(seq);
                 }
             }
             Some("replay") => {
@@ -134,6 +150,11 @@ impl Party {
             }
         }
         self.live = Some(c);
+        if let Some((conv, id)) = self.unacked.take() {
+            // The same id again: the node answers with the original seq, and stores it once.
+            self.say(&conv, &id).await;
+            self.retries += 1;
+        }
     }
 
     /// Send a message and read (recording) up to its ack; returns the seq.
@@ -147,7 +168,13 @@ impl Party {
             }
             self.record(&v);
         };
-        self.shown.get_mut(conv).unwrap().push(seq);
+        // A retried message may already have been shown by the resume replay (the widget matches it by id).
+        if seq > self.cursor(conv) {
+            self.shown.get_mut(conv).unwrap().push(seq);
+        }
+        if let Some((first_conv, first_seq)) = self.acked.insert(id.to_owned(), (conv.to_owned(), seq)) {
+            panic!("{id} acked twice: {first_conv}/{first_seq}, then {conv}/{seq}");
+        }
         self.live = Some(c);
         seq
     }
@@ -216,7 +243,6 @@ async fn every_participant_sees_each_entry_once_in_order_through_churn() {
         p.come_back(&node).await;
     }
 
-    let mut acked: BTreeMap<String, (String, u64)> = BTreeMap::new(); // client id → (conv, seq)
     let mut restarts = 0;
     let (mut clean_closes, mut vanishes) = (0, 0);
     for step in 0..STEPS {
@@ -229,9 +255,7 @@ async fn every_participant_sees_each_entry_once_in_order_through_churn() {
                 }
                 let p = &mut parties[who];
                 let conv = p.convs[rng.random_range(0..p.convs.len())].clone();
-                let id = format!("s{step}-{who}");
-                let seq = p.say(&conv, &id).await;
-                acked.insert(id, (conv, seq));
+                p.say(&conv, &format!("s{step}-{who}")).await;
             }
             // Read what has arrived.
             60..=67 => parties[who].pump(Duration::from_millis(5)).await,
@@ -256,7 +280,14 @@ async fn every_participant_sees_each_entry_once_in_order_through_churn() {
             // Vanish: the socket stays open but is never read again; the next connection resumes.
             80..=85 => {
                 let p = &mut parties[who];
-                if let Some(c) = p.live.take() {
+                if let Some(mut c) = p.live.take() {
+                    if rng.random_bool(0.5) {
+                        // Mid-send: the frame is out, the ack never read.
+                        let conv = p.convs[rng.random_range(0..p.convs.len())].clone();
+                        let id = format!("s{step}-{who}");
+                        c.send(json!({"type": "send", "id": id, "conv": conv, "text": format!("text of {id}")})).await;
+                        p.unacked = Some((conv, id));
+                    }
                     p.stale.push(c);
                     vanishes += 1;
                 }
@@ -278,9 +309,7 @@ async fn every_participant_sees_each_entry_once_in_order_through_churn() {
                 if parties[other].live.is_none() {
                     parties[other].come_back(&node).await;
                 }
-                let id = format!("s{step}-{other}");
-                let seq = parties[other].say(&conv, &id).await;
-                acked.insert(id, (conv, seq));
+                parties[other].say(&conv, &format!("s{step}-{other}")).await;
                 parties[who].come_back(&node).await;
             }
             // Come back.
@@ -322,12 +351,14 @@ async fn every_participant_sees_each_entry_once_in_order_through_churn() {
         }
     }
 
-    // The end: everyone (re)connected with cursors and caught up to the log's end.
-    let last = log_ends(&node, &token, &convs).await;
+    // The end: everyone back (retrying what was never acked), then caught up to the log's end.
     for p in &mut parties {
         if p.live.is_none() {
             p.come_back(&node).await;
         }
+    }
+    let last = log_ends(&node, &token, &convs).await;
+    for p in &mut parties {
         p.catch_up(&last).await;
         p.pump(Duration::from_millis(50)).await;
         for c in &p.convs {
@@ -337,6 +368,7 @@ async fn every_participant_sees_each_entry_once_in_order_through_churn() {
     }
 
     // The log holds each acked message once, at the seq its ack named.
+    let acked: BTreeMap<&String, &(String, u64)> = parties.iter().flat_map(|p| p.acked.iter()).collect();
     for c in &convs {
         let (_, body) =
             http(node.http(), "GET", &format!("/api/conversations/{c}/entries?limit=1000"), Some(&token), None).await;
@@ -349,9 +381,10 @@ async fn every_participant_sees_each_entry_once_in_order_through_churn() {
     }
     let fresh: usize = parties.iter().map(|p| p.fresh_connects).sum();
     let inbox: usize = parties.iter().map(|p| p.inbox_entries).sum();
+    let retries: usize = parties.iter().map(|p| p.retries).sum();
     eprintln!(
-        "churn: {} messages, {clean_closes} clean closes, {vanishes} vanished sockets, {restarts} restarts, \
-         {fresh} returns without cursors ({inbox} entries from the offline inbox)",
+        "churn: {} messages, {clean_closes} clean closes, {vanishes} vanished sockets ({retries} mid-send, \
+         retried), {restarts} restarts, {fresh} returns without cursors ({inbox} entries from the offline inbox)",
         acked.len()
     );
     assert!(acked.len() > STEPS / 3, "the run must carry real traffic ({} messages)", acked.len());
