@@ -31,6 +31,9 @@ mod delivery;
 mod routing;
 mod view;
 
+#[cfg(test)]
+mod tests;
+
 /// Entries kept in memory per open conversation for cheap resume.
 const RECENT: usize = 256;
 
@@ -632,24 +635,27 @@ impl Engine {
     }
 
     fn push_out(&mut self, conn: ConnId, out: Out) {
+        let limit = self.cfg.limits.outbound_queue;
         let Some(state) = self.conns.get_mut(&conn) else { return };
-        if let Some(buf) = state.syncing.as_mut() {
-            buf.push(out);
-            return;
-        }
-        match state.conn.out.try_send(out) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(conn, key = %state.key, "closing slow consumer");
-                self.metrics.slow_consumers.inc();
-                state.conn.closer.close(CloseReason::Error(
-                    ErrorCode::SlowConsumer,
-                    "outbound queue full: the connection did not read fast enough".into(),
-                ));
-                self.disconnect(conn);
+        let full = match state.syncing.as_mut() {
+            // Held until the offline inbox has been read (see `inbox_drained`); bounded like the queue, so a
+            // stalled inbox read cannot make one connection hold unbounded memory.
+            Some(buf) if buf.len() < limit => {
+                buf.push(out);
+                return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
+            Some(_) => "the offline inbox could not be read in time: reconnect and resume",
+            None => match state.conn.out.try_send(out) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    "outbound queue full: the connection did not read fast enough"
+                }
+            },
+        };
+        tracing::warn!(conn, key = %state.key, reason = full, "closing slow consumer");
+        self.metrics.slow_consumers.inc();
+        state.conn.closer.close(CloseReason::Error(ErrorCode::SlowConsumer, full.into()));
+        self.disconnect(conn);
     }
 
     fn error(&mut self, conn: ConnId, id: Option<&str>, code: ErrorCode, message: &str, conv: Option<&str>) {
