@@ -20,6 +20,7 @@ pub mod conn;
 pub mod context;
 pub mod engine;
 pub mod error;
+pub mod fd_table;
 pub mod filter;
 pub mod inbox;
 pub mod metrics;

@@ -91,6 +91,11 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
         let addr: SocketAddr = cfg.server.tcp_listen.parse().map_err(|_| Error::Config("server.tcp_listen".into()))?;
         Some(TcpListener::bind(addr).await.map_err(|e| Error::io(format!("bind server.tcp_listen {addr}"), e))?)
     };
+    // One descriptor per connection plus the store's files and some slack: sized now, not during a storm.
+    match crate::fd_table::presize(cfg.limits.max_connections + 256) {
+        Some(top) => tracing::debug!(descriptors = top, "file-descriptor table sized up front"),
+        None => tracing::warn!("could not size the file-descriptor table up front; accepts may stall while it grows"),
+    }
     let metrics = Metrics::new();
     let secret = load_or_create_secret(&cfg)?;
     let auth = Auth::new(&cfg, &secret);
