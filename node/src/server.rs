@@ -76,6 +76,17 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// The store threads' timing from the config, reporting into the node's metrics.
+pub(crate) fn writer_options(cfg: &Config, metrics: &Metrics) -> WriterOptions {
+    WriterOptions {
+        commit_interval: Duration::from_micros(cfg.data.commit_interval_us),
+        index_interval: Duration::from_millis(cfg.data.index_interval_ms),
+        commit_seconds: metrics.store_commit.with_label_values(&["wal"]),
+        index_seconds: metrics.store_commit.with_label_values(&["index"]),
+        unindexed: metrics.unindexed_ops.clone(),
+    }
+}
+
 /// Start a node: returns once both listeners are bound and the engine has recovered its state.
 pub async fn start(cfg: Config) -> Result<RunningNode> {
     cfg.validate()?;
@@ -119,16 +130,7 @@ pub async fn start(cfg: Config) -> Result<RunningNode> {
     let filter = WordFilter::new(&cfg.filter_words()?, cfg.filter.mode)?;
     // One writer for the engine and the REST API: the log has one appender. Durable tokens go to the engine.
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
-    let writer = store.spawn_writer(
-        durable_tx,
-        WriterOptions {
-            commit_interval: Duration::from_micros(cfg.data.commit_interval_us),
-            index_interval: Duration::from_millis(cfg.data.index_interval_ms),
-            commit_seconds: metrics.store_commit.with_label_values(&["wal"]),
-            index_seconds: metrics.store_commit.with_label_values(&["index"]),
-            unindexed: metrics.unindexed_ops.clone(),
-        },
-    )?;
+    let writer = store.spawn_writer(durable_tx, writer_options(&cfg, &metrics))?;
     let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
     let (engine, engine_task) = Engine::start(EngineParts {
         cfg: (*cfg).clone(),

@@ -19,6 +19,16 @@ async fn chat(node: &TestNode) -> (Client, Client, String, String) {
     (visitor, agent, conv, token)
 }
 
+/// `(seq, text)` of every entry in a `replay` frame.
+fn replayed(replay: &serde_json::Value) -> Vec<(u64, String)> {
+    replay["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["seq"].as_u64().unwrap(), e["text"].as_str().unwrap_or("").to_owned()))
+        .collect()
+}
+
 #[tokio::test]
 async fn retried_send_with_same_id_yields_one_entry_and_the_same_seq() {
     let node = TestNode::start().await;
@@ -78,12 +88,7 @@ async fn reconnect_with_last_seq_replays_without_gap_or_duplicate() {
         Client::visitor(node.http(), json!({"token": vt, "resume": [{"conv": conv, "last_seq": last_seen}]})).await;
     assert_eq!(back.welcome["conversations"][0]["id"], conv.as_str());
     let replay = back.expect_type("replay").await;
-    let got: Vec<(u64, String)> = replay["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["seq"].as_u64().unwrap(), e["text"].as_str().unwrap_or("").to_owned()))
-        .collect();
+    let got = replayed(&replay);
     assert_eq!(got, missed, "exactly the missed entries, in order");
     assert_eq!(replay["last_seq"], missed.last().unwrap().0);
     // Live traffic continues right after the replay with the next seq.
@@ -118,12 +123,7 @@ async fn entries_written_to_a_vanished_connection_are_replayed_from_the_cursor()
     let mut back =
         Client::visitor(node.http(), json!({"token": vt, "resume": [{"conv": conv, "last_seq": first}]})).await;
     let replay = back.expect_type("replay").await;
-    let got: Vec<(u64, String)> = replay["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["seq"].as_u64().unwrap(), e["text"].as_str().unwrap_or("").to_owned()))
-        .collect();
+    let got = replayed(&replay);
     assert_eq!(got, sent, "every entry after the cursor, once, in order");
     let live = agent.say(&conv, "anything else?").await;
     assert_eq!(back.messages(&conv, 1).await, vec![(live, "anything else?".to_owned())]);

@@ -13,7 +13,6 @@ use serde_json::Value;
 use super::*;
 use crate::conn::Closer;
 use crate::protocol::parse_client_frame;
-use crate::store::WriterOptions;
 
 struct Harness {
     engine: EngineHandle,
@@ -70,18 +69,7 @@ impl Harness {
         let metrics = Metrics::new();
         let store = Store::open(dir.path()).unwrap();
         let (durable_tx, durable_rx) = mpsc::unbounded_channel();
-        let writer = store
-            .spawn_writer(
-                durable_tx,
-                WriterOptions {
-                    commit_interval: Duration::from_micros(cfg.data.commit_interval_us),
-                    index_interval: Duration::from_millis(cfg.data.index_interval_ms),
-                    commit_seconds: metrics.store_commit.with_label_values(&["wal"]),
-                    index_seconds: metrics.store_commit.with_label_values(&["index"]),
-                    unindexed: metrics.unindexed_ops.clone(),
-                },
-            )
-            .unwrap();
+        let writer = store.spawn_writer(durable_tx, crate::server::writer_options(&cfg, &metrics)).unwrap();
         let (inbox_tx, inbox) = mpsc::unbounded_channel();
         let (engine, _task) = Engine::start(EngineParts {
             filter: crate::filter::WordFilter::new(&[], cfg.filter.mode).unwrap(),
